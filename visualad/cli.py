@@ -1,0 +1,321 @@
+"""The ``visualad`` command: a thin layer over the Python API. Only this module prints."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+from . import __version__
+from .errors import VisualADError
+
+EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 2
+
+
+def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
+    p.add_argument("--model", default=default,
+                   help="model alias, local directory or org/repo[@revision] (default: the offline default model)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute precision (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--image-size", type=int, default=None, help="override the model's input size (px)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visualad",
+        description="Zero-shot anomaly detection on images (VisualAD, CVPR 2026).",
+        epilog="Run 'visualad COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"visualad {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="score images; write one JSON line per input and optional overlays",
+                       description="Score image files, folders (recursive) and globs. Writes one JSON object per "
+                                   "input (path, score, label, threshold, error). An unreadable input gets an "
+                                   "'error' and the run goes on; the exit code is 2 if any input failed.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    _add_model_args(p)
+    p.add_argument("--out", type=Path, default=None, help="JSONL output file (default: standard output)")
+    p.add_argument("--overlays", type=Path, default=None,
+                   help="folder for heat-map overlays (PNG, original size; mirrors the input folders)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--threshold", type=float, default=None, help="image threshold overriding the calibrated one")
+    p.add_argument("--references", type=Path, default=None,
+                   help="folder of normal reference images of the same product (few-shot mode)")
+    _common(p)
+
+    p = sub.add_parser("eval", help="evaluate on a labelled dataset; per-class and mean metrics",
+                       description="Evaluate on an MVTec-style tree, VisA split_csv, meta.json or plain folder. "
+                                   "Maps are scored at the model's input size (the papers' protocol) unless "
+                                   "--at-original-resolution.")
+    p.add_argument("root", type=Path, metavar="DATASET_ROOT")
+    _add_model_args(p)
+    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa", "meta", "folder"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--at-original-resolution", action="store_true",
+                   help="score maps at each image's own size instead of the model's input size")
+    p.add_argument("--aupro-variant", default="mvtec", choices=["mvtec", "zsad"],
+                   help="mvtec: the MVTec definition (default); zsad: the papers' 200-threshold variant")
+    p.add_argument("--shots", type=int, default=0,
+                   help="few-shot: K normal reference images per category from its train/good (fixed seed)")
+    _common(p)
+
+    p = sub.add_parser("finetune", help="train the tokens, SCA and SAF on an auxiliary dataset",
+                       description="Train on an auxiliary set (any layout of 'eval'); the backbone stays frozen. "
+                                   "Writes a model directory loadable with --model DIR.")
+    p.add_argument("root", type=Path, metavar="AUX_ROOT")
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+    p.add_argument("--model", default="dinov2-s-imgfocus",
+                   help="backbone name for a fresh head (dinov2-s-imgfocus, clip-l, dinov2-l, timm:..., "
+                        "open_clip:...) or a model directory to continue from")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the tokens (others scale with it)")
+    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--synthesize", choices=["auto", "always", "never"], default="auto",
+                   help="synthetic anomalies on normal images (auto: only when the set has no anomalies)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("calibrate", help="set thresholds from normal images; writes a model directory",
+                       description="Score normal images (and optionally anomalous ones) and store image and pixel "
+                                   "thresholds in a new model directory.")
+    p.add_argument("normal_dir", type=Path, metavar="NORMAL_DIR")
+    _add_model_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+    p.add_argument("--anomalous", type=Path, default=None, help="folder of anomalous images (enables F1 mode)")
+    p.add_argument("--percentile", type=float, default=None, help="percentile of normal scores (default 99.5)")
+    p.add_argument("--references", type=Path, default=None,
+                   help="also store these normal reference images in the model (few-shot mode)")
+    p.add_argument("--batch-size", type=int, default=8)
+    _common(p)
+
+    p = sub.add_parser("convert-official", help="convert the authors' .pth checkpoint into a model directory",
+                       description="Reads the authors' checkpoint with torch.load(weights_only=True) (the only place "
+                                   "visualad reads a pickle) and writes config.json + model.safetensors.")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT.pth")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--backbone", default="clip-l")
+    p.add_argument("--backbone-weights", type=Path, default=None,
+                   help="local safetensors of the backbone in its library's naming (makes the directory offline)")
+    p.add_argument("--load-final-norm", action="store_true",
+                   help="use the checkpoint's trained ln_post (the authors' test script does not)")
+    _common(p)
+
+    p = sub.add_parser("download", help="pre-fetch everything a model needs, for offline sites")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--revision", default=None)
+    _common(p)
+
+    p = sub.add_parser("info", help="versions, device, cache paths and the known models")
+    _common(p)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def expand_paths(patterns: Sequence[str]) -> Iterator[tuple]:
+    """(file, base folder or None) for files, folders (recursive) and globs, in the order given."""
+    from .data.images import iter_image_files
+
+    for pattern in patterns:
+        matches: List[str] = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            yield Path(pattern), None  # reported as an error row
+        for m in matches:
+            path = Path(m)
+            if path.is_dir():
+                for f in iter_image_files(path, recursive=True):
+                    yield f, path
+            else:
+                yield path, None
+
+
+def _load_detector(args: argparse.Namespace):
+    from . import AnomalyDetector
+
+    return AnomalyDetector.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                           image_size=args.image_size)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .atomic import atomic_open
+
+    det = _load_detector(args)
+    if args.references is not None:
+        det.set_references([f for f, _ in expand_paths([str(args.references)])])
+    inputs = list(expand_paths(args.paths))
+    files = [f for f, _ in inputs]
+    failed = 0
+    out_ctx = atomic_open(args.out, "w") if args.out else _Stdout()
+    with out_ctx as fh:
+        results = det.predict_iter(files, batch_size=args.batch_size, threshold=args.threshold, on_error="return",
+                                   keep_image=args.overlays is not None, progress=not args.quiet)
+        for (path, base), res in zip(inputs, results):
+            if res.image_path is None:
+                res.image_path = str(path)
+            if res.error:
+                failed += 1
+            elif args.overlays is not None:
+                rel = path.relative_to(base) if base is not None else Path(path.name)
+                target = (args.overlays / rel).with_suffix(".png")
+                _save_png(res.overlay(), target)
+                res.image = None
+            fh.write(json.dumps(res.to_dict()) + "\n")
+    if failed:
+        print(f"visualad predict: {failed} of {len(files)} inputs failed (see the 'error' fields)", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def _save_png(image, target: Path) -> None:
+    from .atomic import atomic_open
+
+    with atomic_open(target, "wb") as fh:
+        image.save(fh, format="PNG")
+
+
+class _Stdout:
+    def __enter__(self):
+        return sys.stdout
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout.flush()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import format_table
+
+    det = _load_detector(args)
+    report = det.evaluate(args.root, out=args.out, format=args.format, batch_size=args.batch_size,
+                          at_original_resolution=args.at_original_resolution, aupro_variant=args.aupro_variant,
+                          shots=args.shots, progress=not args.quiet)
+    print(format_table(report))
+    if args.out:
+        print(f"report written to {args.out}")
+    return EXIT_OK
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from . import AnomalyDetector
+
+    if Path(args.model).is_dir():
+        det = AnomalyDetector.from_pretrained(args.model, device=args.device, image_size=args.image_size)
+    else:
+        overrides = {} if args.image_size is None else {"image_size": args.image_size}
+        det = AnomalyDetector.from_backbone(args.model, device=args.device, seed=args.seed, **overrides)
+    train_args = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr).items()
+                  if v is not None}
+    report = det.finetune(args.root, out_dir=args.out, resume=args.resume, seed=args.seed,
+                          synthesize=args.synthesize, gradient_checkpointing=args.gradient_checkpointing,
+                          progress=not args.quiet, **train_args)
+    print(json.dumps({k: report[k] for k in ("epochs", "steps", "final_loss", "seconds") if k in report}))
+    print(f"model written to {args.out}")
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .data.images import iter_image_files
+
+    det = _load_detector(args)
+    normals = list(iter_image_files(args.normal_dir))
+    anomalous = list(iter_image_files(args.anomalous)) if args.anomalous else None
+    if args.references is not None:
+        det.set_references(list(iter_image_files(args.references)))
+    kwargs = {} if args.percentile is None else {"percentile": args.percentile}
+    det.calibrate(normals, anomalous, batch_size=args.batch_size, progress=not args.quiet, **kwargs)
+    det.save_pretrained(args.out)
+    cfg = det.config
+    print(f"image threshold {cfg.image_threshold:.6g}, pixel threshold {cfg.pixel_threshold:.6g}; "
+          f"model written to {args.out}")
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .weights.official import convert_official
+
+    out = convert_official(args.checkpoint, args.out, backbone=args.backbone,
+                           backbone_weights=args.backbone_weights, load_final_norm=args.load_final_norm)
+    print(f"converted model written to {out}")
+    return EXIT_OK
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .weights.download import download_model
+
+    path = download_model(args.name, revision=args.revision)
+    print(f"{args.name}: everything is cached ({path})")
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from .paths import cache_dir
+    from .weights.manifest import load_manifest
+
+    lines = [f"visualad {__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for mod in ("timm", "open_clip", "huggingface_hub", "safetensors", "numpy", "PIL", "cv2"):
+        try:
+            lines.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:  # noqa: BLE001 - report, never fail
+            lines.append(f"{mod} not installed")
+    cuda = torch.cuda.is_available()
+    lines.append(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}")
+    try:
+        from huggingface_hub import constants
+
+        lines.append(f"hub cache: {constants.HF_HUB_CACHE}")
+    except Exception:  # noqa: BLE001
+        pass
+    lines.append(f"visualad cache: {cache_dir()}")
+    manifest = load_manifest()
+    lines.append("models:")
+    for name in sorted(manifest.models):
+        entry = manifest.models[name]
+        default = " (default)" if name == manifest.default else ""
+        lines.append(f"  {name}{default}: backbone {entry['backbone']}; {entry.get('status', '')}")
+    for alias, target in sorted(manifest.aliases.items()):
+        lines.append(f"  {alias} -> {target}")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+COMMANDS = {"predict": cmd_predict, "eval": cmd_eval, "finetune": cmd_finetune, "calibrate": cmd_calibrate,
+            "convert-official": cmd_convert, "download": cmd_download, "info": cmd_info}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_FAILED
+    _setup_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except VisualADError as exc:
+        print(f"visualad {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("visualad: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,281 @@
+"""AnomalyDetector: the small user-facing API over a loaded VisualAD model.
+
+It turns any image input into a batch on the model's device, runs one forward per batch, and maps the
+results back to each image's original size; thresholds from calibration turn scores into labels.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .config import VisualADConfig
+from .data import images as imio
+from .errors import ConfigError, VisualADError, WeightsError
+from .model import VisualAD, build_backbone
+from .progress import progress_bar
+from .result import AnomalyResult
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """"auto" = cuda, then mps, then cpu."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
+    """"auto" = bf16 on CUDA, fp32 elsewhere (method doc: the map difference is documented in docs/)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+class AnomalyDetector:
+    """A VisualAD model ready to predict: ``AnomalyDetector.from_pretrained()`` then ``predict(image)``."""
+
+    def __init__(self, model: VisualAD, device: Union[str, torch.device] = "auto",
+                 dtype: Union[str, torch.dtype] = "auto") -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = model.to(self.device).eval()
+        bb = model.backbone
+        self._mean = torch.tensor(bb.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(bb.std, device=self.device).view(1, 3, 1, 1)
+        self._warned_uncalibrated = False
+
+    @property
+    def config(self) -> VisualADConfig:
+        return self.model.config
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_backbone(cls, backbone: str = "dinov2-s-imgfocus", device: Union[str, torch.device] = "auto",
+                      dtype: Union[str, torch.dtype] = "auto", pretrained_backbone: bool = True,
+                      seed: Optional[int] = 111, **overrides: Any) -> "AnomalyDetector":
+        """A fresh, untrained head on a named backbone: the starting point of finetune().
+
+        ``pretrained_backbone=False`` keeps random backbone weights (tests, shape checks); ``seed`` makes
+        the head's initialisation reproducible (the paper seeds 111 before building the model).
+        """
+        config = VisualADConfig(backbone=backbone, backbone_pretrained=pretrained_backbone, **overrides)
+        return cls._build(config, device, dtype, seed=seed)
+
+    @classmethod
+    def _build(cls, config: VisualADConfig, device: Union[str, torch.device], dtype: Union[str, torch.dtype],
+               seed: Optional[int] = None, model_dir: Optional[Path] = None, **fetch: Any) -> "AnomalyDetector":
+        from .weights.sources import backbone_state_dict, default_image_size
+
+        backbone = build_backbone(config.backbone, config.backbone_kwargs)
+        if config.backbone_pretrained or model_dir is not None:
+            backbone.load_weights(backbone_state_dict(config.backbone, model_dir=model_dir,
+                                                      pretrained=config.backbone_pretrained, **fetch))
+        config = config.resolved(backbone.depth, backbone.patch_size,
+                                 default_image_size(config.backbone, backbone))
+        with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = VisualAD(config, backbone)
+        return cls(model, device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: Optional[PathLike] = None, device: Union[str, torch.device] = "auto",
+                        dtype: Union[str, torch.dtype] = "auto", image_size: Optional[int] = None,
+                        cache_dir: Optional[PathLike] = None, revision: Optional[str] = None,
+                        local_files_only: Optional[bool] = None, token: Optional[str] = None) -> "AnomalyDetector":
+        """Load a model: None (the offline default), an alias, ``org/repo[@rev]`` or a local directory."""
+        from .weights.resolve import resolve_model_dir
+
+        fetch = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        model_dir = resolve_model_dir(name_or_path, revision=revision, **fetch)
+        return cls.load_dir(model_dir, device=device, dtype=dtype, image_size=image_size, **fetch)
+
+    @classmethod
+    def load_dir(cls, model_dir: PathLike, device: Union[str, torch.device] = "auto",
+                 dtype: Union[str, torch.dtype] = "auto", image_size: Optional[int] = None,
+                 **fetch: Any) -> "AnomalyDetector":
+        """Load a directory written by save_pretrained (strict: missing or unexpected keys are errors)."""
+        from .weights.safe import load_safetensors
+
+        model_dir = Path(model_dir)
+        config = VisualADConfig.load(model_dir / CONFIG_NAME)
+        state = load_safetensors(model_dir / WEIGHTS_NAME)
+        if image_size is not None and image_size != config.image_size:
+            config = _with_image_size(config, image_size)
+        det = cls._build(config, device, dtype, model_dir=model_dir, **fetch)
+        det.model.load_head_state_dict(state, source=str(model_dir / WEIGHTS_NAME))
+        det.model.eval()
+        return det
+
+    def save_pretrained(self, save_directory: PathLike, model_card: bool = True) -> Path:
+        """Write config.json + model.safetensors (only the trained parameters), each atomically."""
+        from .weights.safe import save_safetensors
+        from .weights.sources import BACKBONE_WEIGHTS_NAME
+
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.model.head_state_dict().items()}
+        save_safetensors(state, out / WEIGHTS_NAME, metadata={"format": "pt", "visualad_schema": "1"})
+        if not self.config.backbone_pretrained:  # random weights exist nowhere else
+            bb = {k: v.detach().cpu().contiguous() for k, v in self.model.backbone.library_state_dict().items()}
+            save_safetensors(bb, out / BACKBONE_WEIGHTS_NAME)
+        self.config.save(out / CONFIG_NAME)
+        if model_card:
+            from .weights.card import write_model_card
+
+            write_model_card(out, self.config, n_params=sum(v.numel() for v in state.values()))
+        return out
+
+    # --- prediction --------------------------------------------------------------------------------
+    def _autocast(self) -> Any:
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _prepare(self, source: Any) -> imio.LoadedImage:
+        return imio.load_image(source)
+
+    def _to_batch(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Square-resized uint8 arrays -> one normalised float batch on the device (one transfer)."""
+        x = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self._mean) / self._std
+
+    def forward_images(self, arrays: Sequence[np.ndarray]) -> "tuple[np.ndarray, np.ndarray]":
+        """Model-size smoothed maps [B, S, S] and scores [B] (host float32) for square-resized uint8 arrays."""
+        batch = self._to_batch(arrays)
+        with torch.inference_mode(), self._autocast():
+            maps, scores = self.model.predict_maps(batch)
+        return maps.float().cpu().numpy(), scores.float().cpu().numpy()
+
+    def predict(self, images: Any, batch_size: int = 8, threshold: Optional[float] = None,
+                on_error: str = "raise", keep_image: bool = True,
+                progress: bool = False) -> Union[AnomalyResult, List[AnomalyResult]]:
+        """Score one image or a list of them (path, PIL image, NumPy array, tensor); same order as given.
+
+        ``on_error="return"`` turns an unreadable input into a result with ``error`` set and goes on;
+        ``"raise"`` raises the typed error. ``threshold`` overrides the calibrated image threshold.
+        """
+        single = not isinstance(images, (list, tuple)) and not (
+            isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] > 1)
+        items = imio.expand_inputs(images)
+        results = list(self.predict_iter(items, batch_size, threshold, on_error, keep_image, progress))
+        return results[0] if single and len(results) == 1 else results
+
+    def predict_folder(self, folder: PathLike, batch_size: int = 8, threshold: Optional[float] = None,
+                       on_error: str = "return", recursive: bool = True, keep_image: bool = False,
+                       progress: bool = False) -> Iterator[AnomalyResult]:
+        """Yield one result per image file under ``folder`` (sorted), a batch at a time."""
+        files = list(imio.iter_image_files(folder, recursive=recursive))
+        yield from self.predict_iter(files, batch_size, threshold, on_error, keep_image, progress)
+
+    def predict_iter(self, items: Sequence[Any], batch_size: int = 8, threshold: Optional[float] = None,
+                     on_error: str = "return", keep_image: bool = False, progress: bool = False,
+                     at_model_size: bool = False) -> Iterator[AnomalyResult]:
+        """Yield one result per item, in order, a batch at a time (the engine of predict and the CLI).
+
+        ``at_model_size`` keeps the maps at the model's square input size (the papers' evaluation protocol)
+        instead of resizing them to each image's original size.
+        """
+        if on_error not in ("raise", "return"):
+            raise ValueError("on_error must be 'raise' or 'return'")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        size = self.config.image_size
+        bar = progress_bar(len(items), progress, unit="img")
+
+        def load(item: Any) -> Any:
+            try:
+                img = self._prepare(item)
+                return img, imio.resize_to_square(img.array, size)
+            except VisualADError as exc:
+                if on_error == "raise":
+                    raise
+                return exc, None
+
+        # Decoding and resizing run in threads, overlapped with the forward of the previous batch.
+        workers = max(1, min(4, os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = pool.map(load, items)
+            for start in range(0, len(items), batch_size):
+                chunk = [next(pending) for _ in items[start:start + batch_size]]
+                good = [i for i, (img, arr) in enumerate(chunk) if arr is not None]
+                maps = scores = None
+                if good:
+                    maps, scores = self.forward_images([chunk[i][1] for i in good])
+                pos = {i: j for j, i in enumerate(good)}
+                for i, (img, _) in enumerate(chunk):
+                    if i in pos:
+                        yield self._result(img, maps[pos[i]], float(scores[pos[i]]), threshold, keep_image,
+                                           at_model_size)
+                    else:
+                        yield AnomalyResult(pred_score=math.nan, anomaly_map=None,
+                                            image_path=getattr(img, "path", None), error=str(img))
+                bar.update(len(chunk))
+        bar.close()
+
+    def _result(self, img: imio.LoadedImage, model_map: np.ndarray, score: float, threshold: Optional[float],
+                keep_image: bool, at_model_size: bool = False) -> AnomalyResult:
+        h, w = img.array.shape[:2]
+        amap = model_map if at_model_size else imio.resize_map(model_map, h, w)
+        res = AnomalyResult(pred_score=score, anomaly_map=amap, image_path=img.path,
+                            image=img.array if keep_image else None)
+        self._apply_thresholds(res, threshold)
+        return res
+
+    def evaluate(self, dataset_root: PathLike, out: Optional[PathLike] = None, **kwargs: Any) -> Dict[str, Any]:
+        """Per-class and mean metrics on a labelled dataset (see :func:`visualad.evaluate.evaluate`)."""
+        from .evaluate import evaluate
+
+        return evaluate(self, dataset_root, out=out, **kwargs)
+
+    def _apply_thresholds(self, res: AnomalyResult, threshold: Optional[float]) -> None:
+        cfg = self.config
+        thr = threshold if threshold is not None else cfg.image_threshold
+        stats = cfg.score_stats or {}
+        if "map_min" in stats and "map_max" in stats:
+            res.map_range = (stats["map_min"], stats["map_max"])
+        if thr is None:
+            if not self._warned_uncalibrated:
+                logger.info("no threshold: pred_label stays None; call detector.calibrate(normal_images) "
+                            "or pass threshold=")
+                self._warned_uncalibrated = True
+            return
+        res.threshold = float(thr)
+        res.pred_label = bool(res.pred_score > thr)
+        lo, hi = stats.get("min"), stats.get("max")
+        span = (hi - lo) if lo is not None and hi is not None and hi > lo else 1.0
+        res.normalized_score = float(min(1.0, max(0.0, (res.pred_score - thr) / span + 0.5)))
+        pix = cfg.pixel_threshold if threshold is None else None
+        if pix is not None and res.anomaly_map is not None:
+            res.pixel_threshold = float(pix)
+            res.pred_mask = res.anomaly_map > pix
+
+
+def _with_image_size(config: VisualADConfig, image_size: int) -> VisualADConfig:
+    """Override the input size; resolved() refuses sizes whose patches exceed the trained SCA table."""
+    import dataclasses
+
+    return dataclasses.replace(config, image_size=int(image_size))

@@ -1,0 +1,58 @@
+"""AnomalyResult: what predict() returns for one image (anomalib's field names)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+
+
+@dataclass
+class AnomalyResult:
+    """Score and heat map of one image, at the image's original (displayed) resolution.
+
+    ``pred_label``, ``pred_mask`` and ``normalized_score`` stay ``None`` until a threshold exists
+    (``calibrate()`` or ``threshold=``). ``error`` is set instead of a score when the input could not be
+    read and the caller asked to go on (``on_error="return"``).
+    """
+
+    pred_score: float
+    anomaly_map: Optional[np.ndarray]
+    image_path: Optional[str] = None
+    pred_label: Optional[bool] = None
+    pred_mask: Optional[np.ndarray] = None
+    normalized_score: Optional[float] = None
+    threshold: Optional[float] = None
+    error: Optional[str] = None
+    image: Optional[np.ndarray] = field(default=None, repr=False)  # the RGB uint8 input, for overlays
+    map_range: Optional[Tuple[float, float]] = field(default=None, repr=False)  # calibrated colour scale
+    pixel_threshold: Optional[float] = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def overlay(self, alpha: float = 0.5, cmap: str = "jet",
+                scale: Union[str, Tuple[float, float]] = "auto") -> "Any":
+        """The heat map over the image as a PIL image (see :func:`visualad.viz.overlay`)."""
+        from .viz import overlay
+
+        return overlay(self, alpha=alpha, cmap=cmap, scale=scale)
+
+    def to_dict(self, with_map: bool = False) -> Dict[str, Any]:
+        """A JSON-serialisable summary; the map (as nested lists) only when asked."""
+        score = None if self.pred_score is None or math.isnan(self.pred_score) else float(self.pred_score)
+        d: Dict[str, Any] = {
+            "path": self.image_path,
+            "score": score,
+            "label": None if self.pred_label is None else bool(self.pred_label),
+            "normalized_score": self.normalized_score,
+            "threshold": self.threshold,
+            "error": self.error,
+        }
+        if self.anomaly_map is not None:
+            d["height"], d["width"] = (int(x) for x in self.anomaly_map.shape)
+            if with_map:
+                d["anomaly_map"] = self.anomaly_map.tolist()
+        return d
