@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+REFERENCES_NAME = "references.safetensors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -65,6 +66,7 @@ class AnomalyDetector:
         self._mean = torch.tensor(bb.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(bb.std, device=self.device).view(1, 3, 1, 1)
         self._warned_uncalibrated = False
+        self.references: Optional[Any] = None  # visualad.fewshot.ReferenceBank when few-shot mode is on
 
     @property
     def config(self) -> VisualADConfig:
@@ -127,6 +129,10 @@ class AnomalyDetector:
         det = cls._build(config, device, dtype, model_dir=model_dir, **fetch)
         det.model.load_head_state_dict(state, source=str(model_dir / WEIGHTS_NAME))
         det.model.eval()
+        if (model_dir / REFERENCES_NAME).is_file():
+            from .fewshot import ReferenceBank
+
+            det.references = ReferenceBank.load(model_dir / REFERENCES_NAME, det.device)
         return det
 
     def save_pretrained(self, save_directory: PathLike, model_card: bool = True) -> Path:
@@ -141,6 +147,10 @@ class AnomalyDetector:
         if not self.config.backbone_pretrained:  # random weights exist nowhere else
             bb = {k: v.detach().cpu().contiguous() for k, v in self.model.backbone.library_state_dict().items()}
             save_safetensors(bb, out / BACKBONE_WEIGHTS_NAME)
+        if self.references is not None:
+            self.references.save(out / REFERENCES_NAME)
+        elif (out / REFERENCES_NAME).exists():
+            (out / REFERENCES_NAME).unlink()  # a stale bank must not come back with this model
         self.config.save(out / CONFIG_NAME)
         if model_card:
             from .weights.card import write_model_card
@@ -167,22 +177,43 @@ class AnomalyDetector:
         """Model-size smoothed maps [B, S, S] and scores [B] (host float32) for square-resized uint8 arrays."""
         batch = self._to_batch(arrays)
         with torch.inference_mode(), self._autocast():
-            maps, scores = self.model.predict_maps(batch)
+            if self.references is not None:
+                maps, scores = self.references.predict(self.model, batch)
+            else:
+                maps, scores = self.model.predict_maps(batch)
         return maps.float().cpu().numpy(), scores.float().cpu().numpy()
 
     def predict(self, images: Any, batch_size: int = 8, threshold: Optional[float] = None,
-                on_error: str = "raise", keep_image: bool = True,
-                progress: bool = False) -> Union[AnomalyResult, List[AnomalyResult]]:
+                on_error: str = "raise", keep_image: bool = True, progress: bool = False,
+                references: Optional[Any] = None) -> Union[AnomalyResult, List[AnomalyResult]]:
         """Score one image or a list of them (path, PIL image, NumPy array, tensor); same order as given.
 
         ``on_error="return"`` turns an unreadable input into a result with ``error`` set and goes on;
         ``"raise"`` raises the typed error. ``threshold`` overrides the calibrated image threshold.
+        ``references``: normal images of the same product for this call only (few-shot mode).
         """
         single = not isinstance(images, (list, tuple)) and not (
             isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] > 1)
         items = imio.expand_inputs(images)
-        results = list(self.predict_iter(items, batch_size, threshold, on_error, keep_image, progress))
+        saved = self.references
+        try:
+            if references is not None:
+                self.set_references(references, batch_size=batch_size)
+            results = list(self.predict_iter(items, batch_size, threshold, on_error, keep_image, progress))
+        finally:
+            self.references = saved
         return results[0] if single and len(results) == 1 else results
+
+    def set_references(self, images: Any, batch_size: int = 8, **kwargs: Any) -> None:
+        """Few-shot mode: keep patch features of normal reference images and fuse their nearest-neighbour
+        map with the zero-shot map (see :mod:`visualad.fewshot`); an empty list turns it off."""
+        from .fewshot import build_bank
+
+        items = imio.expand_inputs(images)
+        self.references = build_bank(self, items, batch_size=batch_size, **kwargs) if items else None
+
+    def clear_references(self) -> None:
+        self.references = None
 
     def predict_folder(self, folder: PathLike, batch_size: int = 8, threshold: Optional[float] = None,
                        on_error: str = "return", recursive: bool = True, keep_image: bool = False,

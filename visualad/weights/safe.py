@@ -15,8 +15,11 @@ LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 
 def is_lfs_pointer(path: Union[str, "os.PathLike[str]"]) -> bool:
     """True when a file is a Git LFS pointer (a clone without git-lfs) instead of the real bytes."""
-    with open(path, "rb") as fh:
-        return fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
+    except (IsADirectoryError, FileNotFoundError):
+        return False
 
 
 def load_safetensors(path: Union[str, "os.PathLike[str]"]) -> Dict[str, torch.Tensor]:

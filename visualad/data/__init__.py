@@ -1,0 +1,1 @@
+"""Image input: loading, validating and resizing every kind of image the library accepts."""
