@@ -164,9 +164,6 @@ class AnomalyDetector:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def _prepare(self, source: Any) -> imio.LoadedImage:
-        return imio.load_image(source)
-
     def _to_batch(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """Square-resized uint8 arrays -> one normalised float batch on the device (one transfer)."""
         x = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True)
@@ -237,9 +234,10 @@ class AnomalyDetector:
         size = self.config.image_size
         bar = progress_bar(len(items), progress, unit="img")
 
-        def load(item: Any) -> Any:
+        def load(index: int) -> Any:
+            item = items[index]
             try:
-                img = self._prepare(item)
+                img = imio.load_image(item, name=None if isinstance(item, (str, Path)) else f"<input {index}>")
                 return img, imio.resize_to_square(img.array, size)
             except VisualADError as exc:
                 if on_error == "raise":
@@ -249,7 +247,7 @@ class AnomalyDetector:
         # Decoding and resizing run in threads, overlapped with the forward of the previous batch.
         workers = max(1, min(4, os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending = pool.map(load, items)
+            pending = pool.map(load, range(len(items)))
             for start in range(0, len(items), batch_size):
                 chunk = [next(pending) for _ in items[start:start + batch_size]]
                 good = [i for i, (img, arr) in enumerate(chunk) if arr is not None]
@@ -276,6 +274,19 @@ class AnomalyDetector:
         self._apply_thresholds(res, threshold)
         return res
 
+    def calibrate(self, normal_images: Any, anomalous_images: Any = None, masks: Any = None, method: str = "auto",
+                  **kwargs: Any) -> Dict[str, Any]:
+        """Set image and pixel thresholds (see :mod:`visualad.calibrate`); save_pretrained persists them.
+
+        Normal images only: a high percentile of their scores ("percentile"); with anomalous images: the
+        F1-max threshold ("f1"). Uses the current references when few-shot mode is on.
+        """
+        from .calibrate import calibrate
+
+        return calibrate(self, imio.expand_inputs(normal_images),
+                         None if anomalous_images is None else imio.expand_inputs(anomalous_images),
+                         masks=masks, method=method, **kwargs)
+
     def evaluate(self, dataset_root: PathLike, out: Optional[PathLike] = None, **kwargs: Any) -> Dict[str, Any]:
         """Per-class and mean metrics on a labelled dataset (see :func:`visualad.evaluate.evaluate`)."""
         from .evaluate import evaluate
@@ -295,14 +306,14 @@ class AnomalyDetector:
                 self._warned_uncalibrated = True
             return
         res.threshold = float(thr)
-        res.pred_label = bool(res.pred_score > thr)
+        res.pred_label = bool(res.pred_score >= thr)
         lo, hi = stats.get("min"), stats.get("max")
         span = (hi - lo) if lo is not None and hi is not None and hi > lo else 1.0
         res.normalized_score = float(min(1.0, max(0.0, (res.pred_score - thr) / span + 0.5)))
         pix = cfg.pixel_threshold if threshold is None else None
         if pix is not None and res.anomaly_map is not None:
             res.pixel_threshold = float(pix)
-            res.pred_mask = res.anomaly_map > pix
+            res.pred_mask = res.anomaly_map >= pix
 
 
 def _with_image_size(config: VisualADConfig, image_size: int) -> VisualADConfig:

@@ -1,0 +1,118 @@
+"""The visualad command end to end with a tiny model: JSONL rows, overlays, exit codes, calibrate, eval, info."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from visualad.cli import main
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_detector, tmp_path):
+    return tiny_detector.save_pretrained(tmp_path / "tiny-model")
+
+
+@pytest.fixture
+def image_tree(shared_data, tmp_path):
+    """Real images in nested folders, plus one broken file."""
+    root = tmp_path / "imgs"
+    src = shared_data / "mvtec_ad_reduced/hazelnut/test"
+    (root / "a").mkdir(parents=True)
+    (root / "b" / "c").mkdir(parents=True)
+    shutil.copy(src / "crack/000.png", root / "a" / "crack0.png")
+    shutil.copy(src / "good/000.png", root / "b" / "good0.png")
+    shutil.copy(shared_data / "lookout_cookies/cookie/test/good/normal-11.jpg", root / "b" / "c" / "cookie.jpg")
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_predict_folder_writes_rows_overlays_and_reports_the_broken_file(tiny_model_dir, image_tree, tmp_path, capsys):
+    out, ov = tmp_path / "r.jsonl", tmp_path / "ov"
+    code = main(["predict", str(image_tree), "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out),
+                 "--overlays", str(ov), "--batch-size", "2", "--quiet"])
+    assert code == 2  # one input failed
+    rows = _rows(out)
+    assert [r["path"] for r in rows] == [str(image_tree / p) for p in
+                                         ("a/crack0.png", "b/broken.png", "b/c/cookie.jpg", "b/good0.png")]
+    broken = rows[1]
+    assert broken["score"] is None and "broken.png" in broken["error"]
+    for r in (rows[0], rows[2], rows[3]):
+        assert r["error"] is None and isinstance(r["score"], float) and r["label"] is None
+    assert Image.open(ov / "a" / "crack0.png").size == (256, 256)
+    assert Image.open(ov / "b" / "c" / "cookie.png").size == (576, 768)
+    assert not (ov / "b" / "broken.png").exists()
+    err = capsys.readouterr().err
+    assert "1 of 4 inputs failed" in err and "Traceback" not in err
+
+
+def test_predict_globs_and_files(tiny_model_dir, image_tree, tmp_path):
+    out = tmp_path / "g.jsonl"
+    code = main(["predict", str(image_tree / "**" / "*.jpg"), str(image_tree / "a" / "crack0.png"),
+                 "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out), "-q"])
+    assert code == 0
+    assert [r["path"] for r in _rows(out)] == [str(image_tree / "b/c/cookie.jpg"), str(image_tree / "a/crack0.png")]
+
+
+def test_missing_input_is_an_error_row_not_a_traceback(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "m.jsonl"
+    code = main(["predict", str(tmp_path / "nope.png"), "--model", str(tiny_model_dir), "--device", "cpu",
+                 "--out", str(out), "-q"])
+    assert code == 2
+    [row] = _rows(out)
+    assert "nope.png" in row["error"]
+
+
+def test_calibrate_then_predict_gives_labels(tiny_model_dir, shared_data, tmp_path, capsys):
+    cat = shared_data / "mvtec_ad_reduced/hazelnut"
+    code = main(["calibrate", str(cat / "train/good"), "--model", str(tiny_model_dir), "--device", "cpu",
+                 "--out", str(tmp_path / "cal"), "-q"])
+    assert code == 0
+    cfg = json.loads((tmp_path / "cal" / "config.json").read_text())
+    assert cfg["image_threshold"] is not None and cfg["pixel_threshold"] is not None
+    out = tmp_path / "r2.jsonl"
+    assert main(["predict", str(cat / "test"), "--model", str(tmp_path / "cal"), "--device", "cpu",
+                 "--out", str(out), "-q"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 10 and all(isinstance(r["label"], bool) for r in rows)
+    assert all(r["threshold"] == cfg["image_threshold"] for r in rows)
+
+
+def test_eval_writes_a_report_with_both_classes(tiny_model_dir, shared_data, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    code = main(["eval", str(shared_data / "mvtec_ad_reduced"), "--model", str(tiny_model_dir), "--device", "cpu",
+                 "--out", str(out), "-q"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert sorted(report["classes"]) == ["hazelnut", "transistor"]
+    for row in report["classes"].values():
+        assert row["n_images"] == 10 and row["n_anomalous"] == 8
+        for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+            assert 0.0 <= row[key] <= 1.0
+    assert set(report["mean"]) >= {"image_auroc", "pixel_auroc", "pixel_aupro"}
+    table = capsys.readouterr().out
+    assert "hazelnut" in table and "mean" in table
+
+
+def test_bad_model_is_a_one_line_error(tmp_path, capsys):
+    code = main(["predict", "x.png", "--model", "no-such-model", "--device", "cpu"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-model" in err[0] and "known models" in err[0] and "dinov2-s-imgfocus" in err[0]
+
+
+def test_console_entry_points():
+    help_text = subprocess.run([sys.executable, "-m", "visualad", "predict", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "--overlays" in help_text and "--threshold" in help_text
+    info = subprocess.run([sys.executable, "-m", "visualad", "info"], capture_output=True, text=True, check=True)
+    assert "dinov2-s-imgfocus (default)" in info.stdout and "clip-l -> clip-l-visa" in info.stdout
