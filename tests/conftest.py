@@ -58,3 +58,43 @@ def tiny_detector():
     from visualad import AnomalyDetector
 
     return AnomalyDetector.from_backbone(device="cpu", pretrained_backbone=False, image_size=56, **TINY_TIMM)
+
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VISUALAD_OFFLINE")
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """An empty fake Hub + file host on 127.0.0.1 (tests/hubserver.py); HF_ENDPOINT, HF_HOME and VISUALAD_CACHE
+    point at it and at tmp_path, offline switches and proxies are cleared."""
+    from huggingface_hub import constants
+
+    from hubserver import serve
+
+    with serve() as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.hub_url)
+        # huggingface_hub reads these once at import: patch the constants too.
+        monkeypatch.setattr(constants, "ENDPOINT", fake.hub_url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            fake.hub_url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+        monkeypatch.setenv("VISUALAD_CACHE", str(tmp_path / "va"))
+        monkeypatch.setenv("HF_TOKEN", "hf_fake_test_token")  # never the developer's token, even to 127.0.0.1
+        for var in OFFLINE_VARS + ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                                   "all_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+        _reset_hf_session()  # its client reads the proxy settings when it is created
+        yield fake
+        _reset_hf_session()
+
+
+def _reset_hf_session() -> None:
+    try:
+        from huggingface_hub.utils._http import close_session
+    except ImportError:  # older huggingface_hub (requests-based)
+        return
+    close_session()

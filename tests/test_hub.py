@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hubserver import lfs_pointer, serve, sha256_hex
+from hubserver import lfs_pointer, sha256_hex
 from visualad.errors import OfflineError, WeightsError
 from visualad.weights import hub as H
 
@@ -24,43 +24,15 @@ OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VISUALAD_OFFLINE")
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """Fake Hub with one pinned repo; HF_ENDPOINT/HF_HOME/VISUALAD_CACHE point at it and at tmp_path."""
-    from huggingface_hub import constants
-
-    with serve() as fake:
-        fake.add_repo(REPO, COMMIT, {
-            "config.json": CONFIG,
-            "model.safetensors": WEIGHTS,
-            "README.md": b"# tiny\n",
-            "weights/CLIP.pth": lfs_pointer(POINTER_SOURCE),  # a mirror that copied the pointer, not the file
-        })
-        monkeypatch.setenv("HF_ENDPOINT", fake.hub_url)
-        # huggingface_hub reads these once at import: patch the constants too.
-        monkeypatch.setattr(constants, "ENDPOINT", fake.hub_url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            fake.hub_url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-        monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-        monkeypatch.setenv("VISUALAD_CACHE", str(tmp_path / "va"))
-        monkeypatch.setenv("HF_TOKEN", "hf_fake_test_token")  # never the developer's token, even to 127.0.0.1
-        for var in OFFLINE_VARS + ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-                                   "all_proxy"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-        monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-        _reset_hf_session()  # its client reads the proxy settings when it is created
-        yield fake
-        _reset_hf_session()
-
-
-def _reset_hf_session() -> None:
-    try:
-        from huggingface_hub.utils._http import close_session
-    except ImportError:  # older huggingface_hub (requests-based)
-        return
-    close_session()
+def hub(fake_hub):
+    """Fake Hub with one pinned repo (see the fake_hub fixture in conftest.py)."""
+    fake_hub.add_repo(REPO, COMMIT, {
+        "config.json": CONFIG,
+        "model.safetensors": WEIGHTS,
+        "README.md": b"# tiny\n",
+        "weights/CLIP.pth": lfs_pointer(POINTER_SOURCE),  # a mirror that copied the pointer, not the file
+    })
+    return fake_hub
 
 
 def _hf_cache(tmp_path: Path) -> Path:

@@ -355,18 +355,7 @@ def test_reading_a_pickle_logs_a_warning(tiny_setup, caplog):
 
 
 # --- download through the manifest path (fake GitHub/LFS host on 127.0.0.1) ------------------------------------
-@pytest.fixture
-def fake_host(tmp_path, monkeypatch):
-    from hubserver import serve
-
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VISUALAD_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("VISUALAD_CACHE", str(tmp_path / "va"))
-    with serve() as fake:
-        yield fake
-
-
-def test_official_model_dir_downloads_converts_and_caches(tiny_setup, fake_host, tmp_path):
+def test_official_model_dir_downloads_converts_and_caches(tiny_setup, fake_hub, tmp_path):
     import hashlib
     import shutil
 
@@ -374,7 +363,7 @@ def test_official_model_dir_downloads_converts_and_caches(tiny_setup, fake_host,
 
     data = tiny_setup["ckpt_path"].read_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    url = fake_host.add_url("7HHHHH/VisualAD/raw/abc/weight/train_on_visa/CLIP.pth", data)
+    url = fake_hub.add_url("7HHHHH/VisualAD/raw/abc/weight/train_on_visa/CLIP.pth", data)
     entry = {
         "name": "tiny-official",
         "backbone": TINY_CLIP["backbone"],
@@ -401,9 +390,9 @@ def test_official_model_dir_downloads_converts_and_caches(tiny_setup, fake_host,
     assert sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in state)
 
     # cached: no request at all, even offline
-    n = fake_host.count()
+    n = fake_hub.count()
     assert official_model_dir("tiny-official", entry, cache_dir=cache, local_files_only=True) == out
-    assert fake_host.count() == n
+    assert fake_hub.count() == n
 
     # with the backbone fetched (here: copied in), the directory predicts like the reference
     shutil.copy(tiny_setup["dir"] / "backbone.safetensors", out / "backbone.safetensors")
@@ -413,11 +402,11 @@ def test_official_model_dir_downloads_converts_and_caches(tiny_setup, fake_host,
     assert np.abs(maps.numpy() - ref).max() < 1e-4
 
 
-def test_official_model_dir_refuses_a_corrupted_download(tiny_setup, fake_host, tmp_path):
+def test_official_model_dir_refuses_a_corrupted_download(tiny_setup, fake_hub, tmp_path):
     import hashlib
 
     data = tiny_setup["ckpt_path"].read_bytes()
-    url = fake_host.add_url("x/CLIP.pth", data, mode="corrupt")
+    url = fake_hub.add_url("x/CLIP.pth", data, mode="corrupt")
     entry = {"name": "t", "backbone": TINY_CLIP["backbone"],
              "head": {"type": "official", "url": url, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)},
              "config": {"backbone": TINY_CLIP["backbone"], **TINY_OVERRIDES}}

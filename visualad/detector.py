@@ -158,6 +158,22 @@ class AnomalyDetector:
             write_model_card(out, self.config, n_params=sum(v.numel() for v in state.values()))
         return out
 
+    def push_to_hub(self, repo_id: str, token: Optional[str] = None, private: bool = False,
+                    commit_message: str = "Upload VisualAD model") -> str:
+        """Upload what save_pretrained writes (config, trained weights, model card) to a Hub repo; returns the
+        commit id to pin in ``from_pretrained("org/repo@<commit>")``."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            info = api.upload_folder(folder_path=tmp, repo_id=repo_id, commit_message=commit_message)
+        logger.info("pushed to %s at %s", repo_id, info.oid)
+        return info.oid
+
     # --- prediction --------------------------------------------------------------------------------
     def _autocast(self) -> Any:
         if self.dtype == torch.float32:

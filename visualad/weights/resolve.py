@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from ..errors import UnknownModelError, WeightsError
-from ..paths import cache_dir as default_cache_dir
 from .manifest import load_manifest
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 _REPO = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
-MODEL_FILES = ["config.json", "model.safetensors", "README.md", "references.safetensors"]
+MODEL_FILES = ["config.json", "model.safetensors", "README.md", "references.safetensors", "backbone.safetensors"]
 
 
 def resolve_model_dir(name_or_path: Optional[PathLike], *, revision: Optional[str] = None,
@@ -67,8 +66,6 @@ def _from_hub(repo: str, revision: Optional[str], cache_dir: Optional[PathLike],
     if revision is None:
         logger.warning("%s: no revision given; using 'main', which is not pinned", repo)
     return Path(hub_snapshot(repo, revision=revision or "main", allow_patterns=MODEL_FILES, cache_dir=cache_dir,
-                             local_files_only=local_files_only, token=token, fetch_hint=f"visualad download {hint}"))
+                             local_files_only=local_files_only, token=token, required=MODEL_FILES[:2],
+                             fetch_hint=f"visualad download {hint}"))
 
-
-def model_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
-    return Path(cache_dir) if cache_dir else default_cache_dir()
