@@ -1,4 +1,5 @@
-"""A tiny fake Hugging Face Hub and file host on 127.0.0.1, for download tests that never touch the internet.
+"""A tiny fake Hugging Face Hub and file host on 127.0.0.1, for download (and push) tests that never touch the
+internet.
 
 Two threaded ``http.server`` instances share one :class:`FakeHub` state:
 
@@ -165,6 +166,42 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._route()
+
+    def do_POST(self) -> None:
+        """Just enough of the upload API for push_to_hub: create a repo, preupload, commit (regular mode)."""
+        path = urllib.parse.urlsplit(self.path).path
+        self.hub.log(self.role, "POST", self.path)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if path == "/api/repos/create":
+            req = json.loads(body)
+            repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+            self.hub.repos.setdefault(repo_id, {})
+            self.hub.branches.setdefault(repo_id, {})
+            return self._send(200, json.dumps({"url": f"{self.hub.hub_url}/{repo_id}"}).encode(),
+                              {"Content-Type": "application/json"})
+        if path == "/api/validate-yaml":  # the model card's metadata check
+            return self._send(200, b"{}", {"Content-Type": "application/json"})
+        parts = path[len("/api/models/"):].split("/") if path.startswith("/api/models/") else []
+        if len(parts) == 4 and parts[2] == "preupload":
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                     for f in json.loads(body)["files"]]
+            return self._send(200, json.dumps({"files": files}).encode(), {"Content-Type": "application/json"})
+        if len(parts) == 4 and parts[2] == "commit":
+            import base64
+
+            repo_id, branch = f"{parts[0]}/{parts[1]}", urllib.parse.unquote(parts[3])
+            base = self.hub.branches.get(repo_id, {}).get(branch)
+            files = dict(self.hub.repos.get(repo_id, {}).get(base, {}))
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            commit = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+            self.hub.add_repo(repo_id, commit, files, branch=branch)
+            return self._send(200, json.dumps({"commitUrl": f"{self.hub.hub_url}/{repo_id}/commit/{commit}",
+                                               "commitOid": commit, "success": True}).encode(),
+                              {"Content-Type": "application/json"})
+        self._error(404, None, "Not Found")
 
     def _route(self) -> None:
         split = urllib.parse.urlsplit(self.path)

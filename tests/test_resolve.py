@@ -65,3 +65,16 @@ def test_hub_repo_at_a_pinned_revision_downloads_and_then_works_offline(fake_hub
     np.testing.assert_array_equal(again.predict(x).anomaly_map, expected.anomaly_map)
     with pytest.raises(OfflineError, match="visualad download"):
         AnomalyDetector.from_pretrained(f"org/other@{COMMIT}", device="cpu")
+
+
+def test_push_to_hub_then_from_pretrained_at_the_returned_commit(fake_hub, tiny_detector):
+    tiny_detector.calibrate([np.full((56, 56, 3), 120, dtype=np.uint8)] * 3)
+    commit = tiny_detector.push_to_hub("org/pushed")
+    assert len(commit) == 40
+    files = fake_hub.repos["org/pushed"][commit]
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    assert b"visualad" in files["README.md"]
+    det = AnomalyDetector.from_pretrained(f"org/pushed@{commit}", device="cpu")
+    assert det.config.image_threshold == tiny_detector.config.image_threshold
+    x = np.random.default_rng(1).integers(0, 255, size=(56, 56, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(det.predict(x).anomaly_map, tiny_detector.predict(x).anomaly_map)
