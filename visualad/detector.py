@@ -72,6 +72,16 @@ class AnomalyDetector:
     def config(self) -> VisualADConfig:
         return self.model.config
 
+    def to(self, device: Union[str, torch.device], dtype: Union[str, torch.dtype] = "auto") -> "AnomalyDetector":
+        """Move the model (and its normalisation constants) to another device; dtype follows the "auto" rule."""
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model.to(self.device)
+        self._mean, self._std = self._mean.to(self.device), self._std.to(self.device)
+        if self.references is not None:
+            self.references = self.references.to(self.device)
+        return self
+
     # --- construction ------------------------------------------------------------------------------
     @classmethod
     def from_backbone(cls, backbone: str = "dinov2-s-imgfocus", device: Union[str, torch.device] = "auto",
@@ -302,6 +312,17 @@ class AnomalyDetector:
         return calibrate(self, imio.expand_inputs(normal_images),
                          None if anomalous_images is None else imio.expand_inputs(anomalous_images),
                          masks=masks, method=method, **kwargs)
+
+    def finetune(self, aux: PathLike, **kwargs: Any) -> Dict[str, Any]:
+        """Train the tokens, SCA and SAF on an auxiliary dataset; the backbone stays frozen.
+
+        Keyword arguments: out_dir, resume, seed, progress, device, and any
+        :class:`visualad.train.TrainConfig` field (epochs, batch_size, lr, synthesize, ...); see
+        :func:`visualad.train.loop.finetune`. Returns the training report.
+        """
+        from .train.loop import finetune
+
+        return finetune(self, aux, **kwargs)
 
     def evaluate(self, dataset_root: PathLike, out: Optional[PathLike] = None, **kwargs: Any) -> Dict[str, Any]:
         """Per-class and mean metrics on a labelled dataset (see :func:`visualad.evaluate.evaluate`)."""
