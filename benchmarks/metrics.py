@@ -251,7 +251,6 @@ def main(argv: Any = None) -> int:
     )
 
     # AUPRO: ours vs the definition, written slowly, on a downscaled subset (too slow at full size).
-    import cv2
 
     idx = np.r_[np.flatnonzero(masks.any((1, 2)))[:4], np.flatnonzero(~masks.any((1, 2)))[:4]]
     small = 48

@@ -43,6 +43,7 @@ LICENSES = {
 }
 # The recipe (see docs/model-card-dinov2-s-imgfocus.md for why): the paper's losses and optimiser.
 RECIPE: Dict[str, Any] = {"image_size": 224, "epochs": 2, "seed": 111}
+HEAD_KEYS = ("layers", "sca_max_patches", "train_final_norm", "num_anchors")  # model config, not training
 
 
 def aux_root(data: Path, exclude: List[str], into: Path) -> Path:
@@ -57,12 +58,13 @@ def aux_root(data: Path, exclude: List[str], into: Path) -> Path:
 
 
 def train(data: Path, exclude: List[str], out: Path, recipe: Dict[str, Any]) -> AnomalyDetector:
+    head = {k: recipe[k] for k in HEAD_KEYS if k in recipe}
     det = AnomalyDetector.from_backbone("dinov2-s-imgfocus", device="cpu", image_size=recipe["image_size"],
-                                        seed=recipe["seed"])
+                                        seed=recipe["seed"], **head)
     with tempfile.TemporaryDirectory() as tmp:
         root = aux_root(data, exclude, Path(tmp))
         det.finetune(root, out_dir=out, epochs=recipe["epochs"], seed=recipe["seed"],
-                     **{k: v for k, v in recipe.items() if k not in ("image_size", "epochs", "seed")})
+                     **{k: v for k, v in recipe.items() if k not in ("image_size", "epochs", "seed", *HEAD_KEYS)})
     return det
 
 
@@ -74,12 +76,13 @@ def evaluate(det: AnomalyDetector, data: Path, category: str, shots: int = 0) ->
 
 def protocol(args: argparse.Namespace) -> None:
     results: Dict[str, Any] = {}
+    recipe = {**RECIPE, **args.set}
     for category in args.holdout:
         t = time.time()
-        untrained = AnomalyDetector.from_backbone("dinov2-s-imgfocus", device="cpu", image_size=RECIPE["image_size"],
-                                                  seed=RECIPE["seed"])
-        row = {"untrained": evaluate(untrained, args.data, category)}
-        det = train(args.data, [category], args.out / f"without-{category}", RECIPE)
+        untrained = AnomalyDetector.from_backbone("dinov2-s-imgfocus", device="cpu", image_size=recipe["image_size"],
+                                                  seed=recipe["seed"])
+        row = {"recipe": recipe, "untrained": evaluate(untrained, args.data, category)}
+        det = train(args.data, [category], args.out / f"without-{category}", recipe)
         row["trained (zero-shot)"] = evaluate(det, args.data, category)
         results[category] = row
         print(category, json.dumps(row), f"{time.time() - t:.0f}s", flush=True)
@@ -87,7 +90,8 @@ def protocol(args: argparse.Namespace) -> None:
 
 
 def ship(args: argparse.Namespace) -> None:
-    det = train(args.data, [], args.out, RECIPE)
+    recipe = {**RECIPE, **args.set}
+    det = train(args.data, [], args.out, recipe)
     used = sorted({s.category for s in load_dataset(args.data).samples})
     det.config.metadata.update({
         "name": "dinov2-s-imgfocus",
@@ -95,7 +99,7 @@ def ship(args: argparse.Namespace) -> None:
                    "medical data (Kvasir-SEG, CVC-ClinicDB); see docs/model-card-dinov2-s-imgfocus.md",
         "license_id": "cc-by-nc-sa-4.0",
         "training_data": {"root": "shared/data", "categories": used, "licenses": LICENSES},
-        "recipe": RECIPE,
+        "recipe": recipe,
     })
     det.save_pretrained(args.out)
     for leftover in ("checkpoint", "training_report.json"):
@@ -111,7 +115,10 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--holdout", action="append", default=None, choices=sorted(CATEGORY_DIRS))
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value (image_size, epochs, seed, or a TrainConfig field), JSON value")
     args = p.parse_args()
+    args.set = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "protocol":
         args.holdout = args.holdout or ["tire", "cookie"]

@@ -375,7 +375,7 @@ def test_load_mask_size_mismatch_names_both_files(tmp_path: Path) -> None:
 def test_real_mvtec_ad_reduced(shared_data: Path) -> None:
     ds = load_dataset(shared_data / "mvtec_ad_reduced")
     assert ds.format == "mvtec" and ds.categories == ["hazelnut", "transistor"]
-    for cat, samples in ds.by_category().items():
+    for samples in ds.by_category().values():
         assert len(samples) == 10
         assert sum(s.label == 0 for s in samples) == 2
         anomalous = [s for s in samples if s.label == 1]

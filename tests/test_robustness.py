@@ -7,10 +7,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from visualad.cli import main

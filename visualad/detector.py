@@ -11,14 +11,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .config import VisualADConfig
 from .data import images as imio
-from .errors import ConfigError, VisualADError, WeightsError
+from .errors import ConfigError, VisualADError
 from .model import VisualAD, build_backbone
 from .progress import progress_bar
 from .result import AnomalyResult
@@ -98,14 +98,14 @@ class AnomalyDetector:
     @classmethod
     def _build(cls, config: VisualADConfig, device: Union[str, torch.device], dtype: Union[str, torch.dtype],
                seed: Optional[int] = None, model_dir: Optional[Path] = None, **fetch: Any) -> "AnomalyDetector":
-        from .weights.sources import backbone_state_dict, default_image_size
+        from .model.backbones import parse_backbone
+        from .weights.sources import backbone_state_dict
 
         backbone = build_backbone(config.backbone, config.backbone_kwargs)
         if config.backbone_pretrained or model_dir is not None:
             backbone.load_weights(backbone_state_dict(config.backbone, model_dir=model_dir,
                                                       pretrained=config.backbone_pretrained, **fetch))
-        config = config.resolved(backbone.depth, backbone.patch_size,
-                                 default_image_size(config.backbone, backbone))
+        config = config.resolved(backbone.depth, backbone.patch_size, parse_backbone(config.backbone).default_image_size)
         with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
             if seed is not None:
                 torch.manual_seed(seed)

@@ -73,7 +73,6 @@ def evaluate(detector: "AnomalyDetector", root: Union[str, "os.PathLike[str]"], 
 
 def _evaluate_category(detector: "AnomalyDetector", samples: List[Sample], batch_size: int, original: bool,
                        aupro_variant: str, bar: Any) -> Dict[str, Any]:
-    size = detector.config.image_size
     scores = np.empty(len(samples), dtype=np.float64)
     labels = np.array([s.label for s in samples], dtype=np.int8)
     pix_maps: List[np.ndarray] = []

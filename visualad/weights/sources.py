@@ -10,17 +10,13 @@ from typing import Dict, Optional, Union
 import torch
 
 from ..errors import WeightsError
-from ..model.backbones import Backbone, parse_backbone
+from ..model.backbones import parse_backbone
 from .manifest import load_manifest
 from .safe import load_safetensors
 
 logger = logging.getLogger(__name__)
 
 BACKBONE_WEIGHTS_NAME = "backbone.safetensors"
-
-
-def default_image_size(name: str, backbone: Backbone) -> int:
-    return parse_backbone(name).default_image_size
 
 
 def backbone_state_dict(name: str, *, model_dir: Optional[Path] = None, pretrained: bool = True,
