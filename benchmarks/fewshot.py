@@ -1,0 +1,166 @@
+"""Few-shot benchmark: zero-shot vs references-only vs fused, then memory and time with 16 references.
+
+    python benchmarks/fewshot.py [--data ../shared/data] [--image-size 224] [--shots 1 4 16] [--skip-speed]
+
+Uses the trained default model when one ships (AnomalyDetector.from_pretrained()), else the untrained head on
+the offline DINOv2-S/14 (from_backbone("dinov2-s-imgfocus")); it prints which. References are drawn from each
+category's train/good exactly as ``visualad eval --shots K`` draws them (seed 42), never from the test split.
+Maps are scored at the model's size (the papers' protocol). Prints Markdown tables for docs/few-shot.md.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from visualad import AnomalyDetector, fewshot, metrics  # noqa: E402
+from visualad.data import images as imio  # noqa: E402
+from visualad.data.datasets import load_dataset, load_mask  # noqa: E402
+from visualad.evaluate import _reference_images  # noqa: E402
+
+CATEGORIES = {"tire": "mvtec_3d_ad_tire_rgb", "cookie": "lookout_cookies", "hazelnut": "mvtec_ad_reduced",
+              "transistor": "mvtec_ad_reduced"}
+PARTS = ("zero_shot", "few_shot", "fused")
+
+
+def load_detector(image_size: "int | None") -> "tuple[AnomalyDetector, str]":
+    try:
+        return AnomalyDetector.from_pretrained(device="cpu", image_size=image_size), "trained default model"
+    except Exception as exc:  # noqa: BLE001 - any failure means: no trained default model ships yet
+        det = AnomalyDetector.from_backbone("dinov2-s-imgfocus", device="cpu", image_size=image_size)
+        return det, f"untrained head on dinov2-s-imgfocus (no trained default model: {type(exc).__name__})"
+
+
+def prepared(det: AnomalyDetector, paths: List[Path]) -> List[np.ndarray]:
+    return [imio.resize_to_square(imio.load_image(p).array, det.config.image_size) for p in paths]
+
+
+def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[int],
+                 batch: int = 8) -> Dict[int, Dict[str, np.ndarray]]:
+    dataset = root / CATEGORIES[category]
+    test = [s for s in load_dataset(dataset).samples if s.category == category]
+    train = load_dataset(dataset, split="train")
+    size = det.config.image_size
+    arrays = prepared(det, [s.image_path for s in test])
+    masks = np.stack([load_mask(s, size=(size, size)) for s in test])
+    labels = np.array([s.label for s in test])
+    out = {}
+    for k in shots:
+        refs = _reference_images(train, category, k, 42)
+        det.set_references(refs)
+        maps = {p: [] for p in PARTS}
+        scores = {p: [] for p in PARTS}
+        for s in range(0, len(arrays), batch):
+            with torch.inference_mode():
+                comp = det.references.components(det.model, det._to_batch(arrays[s:s + batch]))
+            for p in PARTS:
+                maps[p].append(comp[p].numpy())
+                scores[p].append(comp[f"{p}_score"].numpy())
+        det.clear_references()
+        row = {"k": len(refs)}
+        for p in PARTS:
+            m = np.concatenate(maps[p])
+            pix = metrics.pixel_metrics(m, masks)
+            img = metrics.image_metrics(np.concatenate(scores[p]), labels)
+            row[p] = np.array([img["auroc"], pix["auroc"], pix["aupro"]])
+        out[k] = row
+        print(f"# {category} K={k} ({len(refs)} refs): " + "  ".join(
+            f"{p} {np.round(row[p], 3).tolist()}" for p in PARTS), file=sys.stderr, flush=True)
+    return out
+
+
+def table(results: Dict[str, Dict[int, Dict]], shots: List[int]) -> str:
+    cats = list(results)
+    lines = ["| K | part | " + " | ".join(f"{c} I / P / PRO" for c in cats) + " | **mean I / P / PRO** |",
+             "|---|---|" + "---|" * (len(cats) + 1)]
+    for k in shots:
+        for p in PARTS:
+            cells = []
+            for c in cats:
+                r = results[c][k]
+                note = f" (K={r['k']})" if r["k"] != k else ""
+                cells.append(" / ".join(f"{v:.3f}" for v in r[p]) + note)
+            mean = np.mean([results[c][k][p] for c in cats], axis=0)
+            lines.append(f"| {k} | {p} | " + " | ".join(cells) + " | **" + " / ".join(f"{v:.3f}" for v in mean)
+                         + "** |")
+    return "\n".join(lines)
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def speed(root: Path, n_images: int = 16, repeats: int = 2) -> str:
+    """Bank size, peak-RSS delta and time per image with 16 references at the model's default size."""
+    det, _ = load_detector(None)
+    category = "hazelnut"  # 50 train/good images: 16 real references
+    dataset = root / CATEGORIES[category]
+    test = [s.image_path for s in load_dataset(dataset).samples if s.category == category]
+    test = (test * ((n_images + len(test) - 1) // len(test)))[:n_images]
+    refs = _reference_images(load_dataset(dataset, split="train"), category, 16, 42)
+
+    def timed() -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _r in det.predict_iter(test, batch_size=8, at_model_size=True):
+                pass
+            best = min(best, time.perf_counter() - t0)
+        return best / len(test)
+
+    list(det.predict_iter(test[:8], batch_size=8))  # warm-up
+    t_zero = timed()
+    rss0 = rss_mb()
+    t0 = time.perf_counter()
+    det.set_references(refs)
+    t_build = time.perf_counter() - t0
+    t_few = timed()
+    rss1 = rss_mb()
+    bank = det.references
+    return "\n".join([
+        f"| image size | {det.config.image_size} px (grid {det.model.grid}x{det.model.grid}) |",
+        "|---|---|",
+        f"| references | {bank.shots} ({category}), layers {list(bank.layers)}, {bank.feature} features |",
+        f"| bank | {sum(bank.n_patches.values())} patches, {bank.nbytes:,} bytes ({bank.nbytes / 2**20:.1f} MiB) |",
+        f"| peak RSS delta (build + predict) | {rss1 - rss0:.0f} MiB |",
+        f"| build time (16 refs) | {t_build:.2f} s |",
+        f"| time per image, zero-shot | {t_zero:.3f} s |",
+        f"| time per image, few-shot fused | {t_few:.3f} s ({100 * (t_few / t_zero - 1):+.0f}%) |",
+        f"| threads | {torch.get_num_threads()} |",
+    ])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--image-size", type=int, default=None, help="default: the model's own size")
+    ap.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-table", action="store_true")
+    args = ap.parse_args()
+    print(f"command: python benchmarks/fewshot.py {' '.join(sys.argv[1:])}")
+    if not args.skip_speed:  # first: the peak-RSS delta is only meaningful in a fresh process
+        print("\n" + speed(args.data) + "\n", flush=True)
+    if not args.skip_table:
+        det, which = load_detector(args.image_size)
+        print(f"model: {which}; image size {det.config.image_size}; few-shot layers "
+              f"{list(fewshot.default_layers(det.config.layers))}; torch threads {torch.get_num_threads()}", flush=True)
+        t0 = time.perf_counter()
+        results = {c: run_category(det, args.data, c, args.shots) for c in args.categories}
+        print("\nImage AUROC / pixel AUROC / AUPRO (maps at model size)\n")
+        print(table(results, args.shots))
+        print(f"\n({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
