@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any, Dict, List
 
 from visualad import AnomalyDetector
 from visualad.data.datasets import load_dataset
+from visualad.weights.safe import load_safetensors, save_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -42,7 +44,8 @@ LICENSES = {
     "cvc_clinicdb": "research use (CVC-ClinicDB, Bernal et al. 2015)",
 }
 # The recipe (see docs/model-card-dinov2-s-imgfocus.md for why): the paper's losses and optimiser.
-RECIPE: Dict[str, Any] = {"image_size": 224, "epochs": 2, "seed": 111}
+RECIPE: Dict[str, Any] = {"image_size": 224, "epochs": 2, "seed": 111, "include_train_normals": True,
+                          "sca_max_patches": 256}
 HEAD_KEYS = ("layers", "sca_max_patches", "train_final_norm", "num_anchors")  # model config, not training
 
 
@@ -91,7 +94,8 @@ def protocol(args: argparse.Namespace) -> None:
 
 def ship(args: argparse.Namespace) -> None:
     recipe = {**RECIPE, **args.set}
-    det = train(args.data, [], args.out, recipe)
+    run = args.out.parent / f"{args.out.name}-run"
+    det = train(args.data, [], run, recipe)
     used = sorted({s.category for s in load_dataset(args.data).samples})
     det.config.metadata.update({
         "name": "dinov2-s-imgfocus",
@@ -102,10 +106,11 @@ def ship(args: argparse.Namespace) -> None:
         "recipe": recipe,
     })
     det.save_pretrained(args.out)
-    for leftover in ("checkpoint", "training_report.json"):
-        path = args.out / leftover
-        if path.is_file():
-            path.rename(args.out.parent / f"{args.out.name}-{leftover}")
+    # ship the weights in fp16 (half the size; they are loaded into fp32 parameters)
+    state = load_safetensors(args.out / "model.safetensors")
+    save_safetensors({k: v.half() for k, v in state.items()}, args.out / "model.safetensors",
+                     metadata={"format": "pt", "visualad_schema": "1", "stored_dtype": "float16"})
+    shutil.copy(run / "training_report.json", args.out / "training_report.json")
 
 
 def main() -> None:

