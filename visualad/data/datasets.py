@@ -59,7 +59,17 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 
@@ -417,12 +427,7 @@ def _read_mvtec_category(name: str, folder: Path, split: str, notes: List[str]) 
                 f"(e.g. {index[orphans[0]][0].name})"
             )
     if missing:
-        msg = (
-            f"{name}: {len(missing)} anomalous image(s) without a mask (e.g. {missing[0]}): "
-            "kept for image metrics, left out of pixel metrics"
-        )
-        notes.append(msg)
-        logger.warning(msg)
+        _note_unmasked(name, missing, notes)
     return samples
 
 
@@ -617,13 +622,15 @@ def _read_folder_category(folder: Path, split: str, notes: List[str]) -> List[Sa
                 folder,
             )
     if missing and all_masks:
-        msg = (
-            f"{name}: {len(missing)} anomalous image(s) without a mask (e.g. {missing[0]}): "
-            "kept for image metrics, left out of pixel metrics"
-        )
-        notes.append(msg)
-        logger.warning(msg)
+        _note_unmasked(name, missing, notes)
     return samples
+
+
+def _note_unmasked(name: str, missing: List[str], notes: List[str]) -> None:
+    msg = (f"{name}: {len(missing)} anomalous image(s) without a mask (e.g. {missing[0]}): "
+           "kept for image metrics, left out of pixel metrics")
+    notes.append(msg)
+    logger.warning(msg)
 
 
 def _under(path: Path, directory: Path) -> bool:

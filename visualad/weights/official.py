@@ -8,7 +8,6 @@ is *not* loaded, which reproduces the authors' test script (method doc §9.1).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from ..errors import WeightsError
+from .hub import sha256_file
 from .safe import is_lfs_pointer, load_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -235,14 +235,6 @@ def _derive_config(ckpt: Mapping[str, Any], state: Mapping[str, torch.Tensor], l
 
 
 # --- conversion ------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _library_state_dict(backbone: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """The backbone's weights in its library's own naming (what Backbone.load_weights accepts)."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.library_state_dict().items()}
@@ -283,7 +275,7 @@ def convert_official(checkpoint: PathLike, out_dir: PathLike, backbone: str = "c
     overrides["metadata"] = {
         "source": "official VisualAD checkpoint",
         "source_file": checkpoint.name,
-        "source_sha256": _sha256(checkpoint),
+        "source_sha256": sha256_file(checkpoint),
         "source_backbone": ckpt.get("backbone"),
         "source_epoch": ckpt.get("epoch"),
         "source_image_size": ckpt.get("image_size"),
