@@ -1,6 +1,6 @@
 """Few-shot benchmark: zero-shot vs references-only vs fused, then memory and time with 16 references.
 
-    python benchmarks/fewshot.py [--data ../shared/data] [--image-size 224] [--shots 1 4 16] [--skip-speed]
+    python benchmarks/fewshot.py [--data ../shared/data] [--shots 1 4 16] [--heads runs/protocol] [--skip-speed]
 
 Uses the trained default model when one ships (AnomalyDetector.from_pretrained()), else the untrained head on
 the offline DINOv2-S/14 (from_backbone("dinov2-s-imgfocus")); it prints which. References are drawn from each
@@ -14,7 +14,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -26,13 +26,19 @@ from visualad import AnomalyDetector, fewshot, metrics  # noqa: E402
 from visualad.data import images as imio  # noqa: E402
 from visualad.data.datasets import load_dataset, load_mask  # noqa: E402
 from visualad.evaluate import _reference_images  # noqa: E402
+from visualad.model import scoring  # noqa: E402
 
 CATEGORIES = {"tire": "mvtec_3d_ad_tire_rgb", "cookie": "lookout_cookies", "hazelnut": "mvtec_ad_reduced",
               "transistor": "mvtec_ad_reduced"}
-PARTS = ("zero_shot", "few_shot", "fused")
 
 
-def load_detector(image_size: "int | None") -> "tuple[AnomalyDetector, str]":
+def load_detector(image_size: "int | None", heads: "Path | None" = None,
+                  category: "str | None" = None) -> "tuple[AnomalyDetector, str]":
+    """The zero-shot head: ``heads/without-<category>`` (trained without that category: the honest protocol),
+    else the shipped default model, else the untrained head."""
+    if heads is not None and category is not None and (heads / f"without-{category}").is_dir():
+        path = heads / f"without-{category}"
+        return AnomalyDetector.from_pretrained(path, device="cpu", image_size=image_size), f"head {path.name}"
     try:
         return AnomalyDetector.from_pretrained(device="cpu", image_size=image_size), "trained default model"
     except Exception as exc:  # noqa: BLE001 - any failure means: no trained default model ships yet
@@ -44,8 +50,10 @@ def prepared(det: AnomalyDetector, paths: List[Path]) -> List[np.ndarray]:
     return [imio.resize_to_square(imio.load_image(p).array, det.config.image_size) for p in paths]
 
 
-def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[int],
-                 batch: int = 8) -> Dict[int, Dict[str, np.ndarray]]:
+def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[int], weights: List[float],
+                 batch: int = 8) -> Dict[int, Dict[str, Any]]:
+    """Per K: metrics of the fused rule for every few-shot weight w (w = 0: the zero-shot map, w = 1: the
+    references-only map, both up to an affine map, to which all metrics are invariant)."""
     dataset = root / CATEGORIES[category]
     test = [s for s in load_dataset(dataset).samples if s.category == category]
     train = load_dataset(dataset, split="train")
@@ -57,41 +65,57 @@ def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[in
     for k in shots:
         refs = _reference_images(train, category, k, 42)
         det.set_references(refs)
-        maps = {p: [] for p in PARTS}
-        scores = {p: [] for p in PARTS}
+        bank = det.references
+        zero, few = [], []
         for s in range(0, len(arrays), batch):
-            with torch.inference_mode():
-                comp = det.references.components(det.model, det._to_batch(arrays[s:s + batch]))
-            for p in PARTS:
-                maps[p].append(comp[p].numpy())
-                scores[p].append(comp[f"{p}_score"].numpy())
+            with torch.inference_mode(), det._autocast():
+                comp = bank.components(det.model, det._to_batch(arrays[s:s + batch]))
+            zero.append(comp["zero_shot_grid"])
+            few.append(comp["few_shot_grid"])
         det.clear_references()
-        row = {"k": len(refs)}
-        for p in PARTS:
-            m = np.concatenate(maps[p])
-            pix = metrics.pixel_metrics(m, masks)
-            img = metrics.image_metrics(np.concatenate(scores[p]), labels)
-            row[p] = np.array([img["auroc"], pix["auroc"], pix["aupro"]])
+        zero_grid, few_grid = torch.cat(zero), torch.cat(few)
+        row: Dict[str, Any] = {"k": len(refs)}
+        for w in weights:
+            bank.weights = (1.0 - w, w)
+            with torch.inference_mode():
+                grid = bank.fuse_grid(zero_grid, few_grid)
+                maps = scoring.gaussian_blur(scoring.upsample(grid[:, None], size)[:, 0], det.config.sigma)
+                scores = det.model.image_score(maps)
+            pix = metrics.pixel_metrics(maps.numpy(), masks)
+            img = metrics.image_metrics(scores.numpy(), labels)
+            row[w] = np.array([img["auroc"], pix["auroc"], pix["aupro"]])
         out[k] = row
         print(f"# {category} K={k} ({len(refs)} refs): " + "  ".join(
-            f"{p} {np.round(row[p], 3).tolist()}" for p in PARTS), file=sys.stderr, flush=True)
+            f"w={w} {np.round(row[w], 3).tolist()}" for w in weights), file=sys.stderr, flush=True)
     return out
 
 
-def table(results: Dict[str, Dict[int, Dict]], shots: List[int]) -> str:
+def table(results: Dict[str, Dict[int, Dict]], shots: List[int], parts: Dict[str, float]) -> str:
+    """Zero-shot, references-only and fused rows per K, per category and the mean."""
     cats = list(results)
     lines = ["| K | part | " + " | ".join(f"{c} I / P / PRO" for c in cats) + " | **mean I / P / PRO** |",
              "|---|---|" + "---|" * (len(cats) + 1)]
     for k in shots:
-        for p in PARTS:
+        for name, w in parts.items():
             cells = []
             for c in cats:
                 r = results[c][k]
                 note = f" (K={r['k']})" if r["k"] != k else ""
-                cells.append(" / ".join(f"{v:.3f}" for v in r[p]) + note)
-            mean = np.mean([results[c][k][p] for c in cats], axis=0)
-            lines.append(f"| {k} | {p} | " + " | ".join(cells) + " | **" + " / ".join(f"{v:.3f}" for v in mean)
+                cells.append(" / ".join(f"{v:.3f}" for v in r[w]) + note)
+            mean = np.mean([results[c][k][w] for c in cats], axis=0)
+            lines.append(f"| {k} | {name} | " + " | ".join(cells) + " | **" + " / ".join(f"{v:.3f}" for v in mean)
                          + "** |")
+    return "\n".join(lines)
+
+
+def sweep(results: Dict[str, Dict[int, Dict]], shots: List[int], weights: List[float]) -> str:
+    """Mean over the categories of each metric, per K and few-shot weight w."""
+    lines = ["| w (few-shot weight) | " + " | ".join(f"K={k} I / P / PRO" for k in shots) + " | all K |",
+             "|---|" + "---|" * (len(shots) + 1)]
+    for w in weights:
+        means = [np.mean([results[c][k][w] for c in results], axis=0) for k in shots]
+        lines.append(f"| {w:g} | " + " | ".join(" / ".join(f"{v:.3f}" for v in m) for m in means)
+                     + f" | {np.mean(means):.4f} |")
     return "\n".join(lines)
 
 
@@ -145,6 +169,11 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None, help="default: the model's own size")
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    ap.add_argument("--heads", type=Path, default=None,
+                    help="folder of heads trained without one category each (recipes/train_default.py protocol "
+                         "--out HEADS): HEADS/without-<category> is used for that category")
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+                    help="few-shot weights w of the fused rule to measure (0 and 1 are the two parts)")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-table", action="store_true")
     args = ap.parse_args()
@@ -152,13 +181,20 @@ def main() -> None:
     if not args.skip_speed:  # first: the peak-RSS delta is only meaningful in a fresh process
         print("\n" + speed(args.data) + "\n", flush=True)
     if not args.skip_table:
-        det, which = load_detector(args.image_size)
-        print(f"model: {which}; image size {det.config.image_size}; few-shot layers "
-              f"{list(fewshot.default_layers(det.config.layers))}; torch threads {torch.get_num_threads()}", flush=True)
+        weights = sorted(set(args.weights) | {0.0, 1.0, fewshot.DEFAULT_WEIGHTS[1]})
         t0 = time.perf_counter()
-        results = {c: run_category(det, args.data, c, args.shots) for c in args.categories}
+        results = {}
+        for c in args.categories:
+            det, which = load_detector(args.image_size, args.heads, c)
+            print(f"{c}: {which}; image size {det.config.image_size}; few-shot layers "
+                  f"{list(fewshot.default_layers(det.config.layers))}; torch threads {torch.get_num_threads()}; "
+                  f"dtype {det.dtype}", flush=True)
+            results[c] = run_category(det, args.data, c, args.shots, weights)
+        default_w = fewshot.DEFAULT_WEIGHTS[1]
         print("\nImage AUROC / pixel AUROC / AUPRO (maps at model size)\n")
-        print(table(results, args.shots))
+        print(table(results, args.shots, {"zero_shot": 0.0, "few_shot": 1.0, f"fused (w={default_w:g})": default_w}))
+        print("\nFused rule, mean over the categories, per few-shot weight w\n")
+        print(sweep(results, args.shots, weights))
         print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 

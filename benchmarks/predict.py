@@ -79,7 +79,7 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
     large = args.model == "clip-l"
     det = AnomalyDetector.from_backbone(args.model, device=args.device, dtype=args.dtype, image_size=args.size,
-                                        pretrained_backbone=not large)
+                                        pretrained_backbone=not large, compile=args.compile)
     model = det.model
     bb = model.backbone
     b, s = args.batch, args.size
@@ -106,7 +106,8 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     reps = args.reps
-    out: Dict[str, Any] = {"model": args.model, "size": s, "batch": b, "device": args.device, "dtype": str(det.dtype)}
+    out: Dict[str, Any] = {"model": args.model, "size": s, "batch": b, "device": args.device,
+                           "dtype": str(det.dtype).replace("torch.", "") + ("+compile" if args.compile else "")}
     out["backbone_s"] = _time(backbone, reps, sync) / b
     out["ours_s"] = _time(ours, reps, sync) / b
     out["ours_io_s"] = _time(ours_io, reps, sync) / b
@@ -135,6 +136,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--large", action="store_true", help="also ViT-L/14 (CLIP ViT-L/14@336, random weights)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="ours with compile=True (the first call compiles)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="dinov2-s-imgfocus", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=224, help=argparse.SUPPRESS)
@@ -152,6 +154,8 @@ def main() -> None:
         for batch in args.batches:
             cmd = [sys.executable, __file__, "--one", "--model", model, "--size", str(size), "--batch", str(batch),
                    "--device", args.device, "--dtype", args.dtype, "--reps", str(args.reps)]
+            if args.compile:
+                cmd.append("--compile")
             if batch == max(args.batches):
                 cmd.append("--authors")
             res = subprocess.run(cmd, capture_output=True, text=True)

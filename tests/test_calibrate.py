@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from visualad import AnomalyDetector
 from visualad.calibrate import _percentile_of_top, f1_threshold
@@ -81,6 +82,23 @@ def test_thresholds_label_results_and_survive_save_load(tiny_detector, tmp_path)
     assert loaded.config.pixel_threshold == cfg.pixel_threshold
     again = loaded.predict(test)
     assert again.pred_label == res.pred_label and again.normalized_score == res.normalized_score
+
+
+def test_thresholds_record_their_dtype_and_warn_once_in_another(tiny_detector, tmp_path, caplog):
+    import logging
+
+    normals = [np.random.default_rng(i).integers(100, 140, size=(56, 56, 3), dtype=np.uint8) for i in range(4)]
+    tiny_detector.dtype = torch.float32
+    tiny_detector.calibrate(normals)
+    assert tiny_detector.config.score_stats["dtype"] == "fp32"
+    d = tiny_detector.save_pretrained(tmp_path / "cal")
+    with caplog.at_level(logging.WARNING, logger="visualad.detector"):
+        AnomalyDetector.from_pretrained(d, device="cpu", dtype="fp32").predict(normals[:2])
+        assert "calibrated in fp32" not in caplog.text
+        other = AnomalyDetector.from_pretrained(d, device="cpu", dtype="bf16")
+        other.predict(normals[:3])
+        other.predict(normals[0])
+    assert caplog.text.count("calibrated in fp32 but the model runs in bf16") == 1
 
 
 def test_calibrate_refuses_bad_arguments(tiny_detector):

@@ -12,8 +12,7 @@ from conftest import TINY_CLIP, TINY_TIMM
 from visualad import AnomalyDetector
 from visualad.config import VisualADConfig, default_layers
 from visualad.errors import ConfigError, WeightsError
-from visualad.model import VisualAD, build_backbone
-from visualad.model import scoring
+from visualad.model import VisualAD, build_backbone, scoring
 from visualad.model.tokens import TokenInsertedViT
 
 
@@ -157,6 +156,44 @@ def test_gaussian_blur_equals_scipy(shape, sigma):
         np.testing.assert_allclose(o, gaussian_filter(m, sigma=sigma), atol=1e-5, rtol=0)
 
 
+def test_blur_and_upsample_stay_float32_inside_bf16_autocast():
+    """Autocast would run the blur's convolutions in bf16 and quantise the map to ~3 digits."""
+    grids = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 3 + 5
+    exact = scoring.gaussian_blur(scoring.upsample(grids, 56)[:, 0], 4.0)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under = scoring.gaussian_blur(scoring.upsample(grids, 56)[:, 0], 4.0)
+    assert under.dtype == torch.float32
+    assert torch.equal(under, exact)
+
+
+@pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_is_bf16_only_on_cuda_and_cpus_with_native_bf16(monkeypatch, native, expected):
+    import visualad.detector as D
+
+    monkeypatch.setattr(D, "cpu_has_native_bf16", lambda: native)
+    assert D.resolve_dtype("auto", torch.device("cpu")) == expected
+    assert D.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert D.resolve_dtype("auto", torch.device("mps")) == torch.float32
+    assert D.resolve_dtype("fp32", torch.device("cpu")) == torch.float32
+    with pytest.raises(ConfigError, match="dtype must be"):
+        D.resolve_dtype("int8", torch.device("cpu"))
+
+
+def test_cpu_bf16_flag_is_read_from_cpuinfo(monkeypatch, tmp_path):
+    import builtins
+
+    import visualad.detector as D
+
+    real_open = builtins.open
+    for flags, expected in (("fpu sse avx512f avx512_bf16", True), ("fpu sse amx_bf16 amx_tile", True),
+                            ("fpu sse avx512f", False)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda f, *a, _i=str(info), **k: real_open(
+            _i if f == "/proc/cpuinfo" else f, *a, **k))
+        assert D.cpu_has_native_bf16() is expected
+
+
 def test_image_score_is_topk_mean_of_smoothed_map(tiny_detector):
     model = tiny_detector.model
     x = torch.randn(2, 3, 56, 56)
@@ -231,3 +268,16 @@ def test_image_size_override_beyond_trained_sca_table_is_refused(tiny_detector, 
     big = 14 * 40  # 1600 patches > the 1536-row table
     with pytest.raises(ConfigError, match="SCA position table"):
         AnomalyDetector.from_pretrained(d, device="cpu", image_size=big)
+
+
+def test_compile_opt_in_gives_the_eager_maps():
+    """compile=True (torch.compile, inductor on the CPU) computes the same function as the eager forward."""
+    det = AnomalyDetector.from_backbone(device="cpu", dtype="fp32", pretrained_backbone=False, image_size=56,
+                                        **TINY_TIMM)
+    x = [np.random.default_rng(i).integers(0, 256, (56, 56, 3), dtype=np.uint8) for i in range(2)]
+    eager_maps, eager_scores = det.forward_images(x)
+    assert det.compile() is det
+    maps, scores = det.forward_images(x)
+    assert hasattr(det.model, "_compiled_call_impl") and det.model._compiled_call_impl is not None
+    np.testing.assert_allclose(maps, eager_maps, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(scores, eager_scores, atol=1e-5, rtol=0)

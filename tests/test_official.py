@@ -150,7 +150,7 @@ def test_converted_model_matches_the_reference_implementation(tiny_setup):
 
 def test_parity_through_forward_images_at_the_model_input(tiny_setup):
     """The uint8 path: the detector's own normalisation, then the same numbers as the reference."""
-    det = AnomalyDetector.from_pretrained(tiny_setup["dir"], device="cpu")
+    det = AnomalyDetector.from_pretrained(tiny_setup["dir"], device="cpu", dtype="fp32")
     arrays = [np.random.default_rng(i).integers(0, 256, (CKPT_SIZE, CKPT_SIZE, 3), dtype=np.uint8) for i in (0, 1)]
     maps, scores = det.forward_images(arrays)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0

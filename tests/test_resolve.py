@@ -31,7 +31,10 @@ def test_manifest_lists_every_alias_of_the_api_with_pins():
         head = m.models[name]["head"]
         assert len(head["sha256"]) == 64 and head["size"] == 126119090 and len(head["commit"]) == 40
     assert m.models["clip-l-visa"]["head"]["sha256"].startswith("fed8ed5e")
-    assert len(m.backbones["dinov2-l"]["revision"]) == 40
+    for pin in m.backbones.values():  # every Hub backbone is pinned to a full commit
+        if pin.get("hub_repo"):
+            assert len(pin["revision"]) == 40 and int(pin["revision"], 16) >= 0
+    assert m.backbones["clip-l"]["sha256"].startswith("fbc415c3")
     for entry in m.models.values():
         assert entry.get("license") or entry["status"] == "not-published"
 

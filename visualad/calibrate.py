@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .detector import dtype_name
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ def calibrate(detector: "AnomalyDetector", normal_images: Sequence[Any], anomalo
         "min": float(scores.min()), "max": float(scores.max()),
         "normal_mean": float(scores[labels == 0].mean()), "normal_std": float(scores[labels == 0].std()),
         "percentile": percentile, "pixel_percentile": pixel_percentile,
+        "dtype": dtype_name(detector.dtype),  # thresholds hold for this precision (bf16 moves scores ~0.01)
         # overlay colour scale: the typical normal pixel at the bottom, the pixel threshold in the middle
         "map_min": mid, "map_max": pixel_thr + max(pixel_thr - mid, 1e-6),
     }

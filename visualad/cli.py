@@ -21,7 +21,7 @@ def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = None) -
                    help="model alias, local directory or org/repo[@revision] (default: the offline default model)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute precision (default: bf16 on CUDA, fp32 on CPU)")
+                   help="compute precision (default: bf16 on CUDA and on CPUs with native bf16, else fp32)")
     p.add_argument("--image-size", type=int, default=None, help="override the model's input size (px)")
 
 

@@ -43,12 +43,39 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (x86 AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo).
+
+    Without them PyTorch emulates bf16 on the CPU, which is slower than fp32, so "auto" keeps fp32 there.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name the API takes ("fp32", "bf16", "fp16")."""
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
+
+
 def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
-    """"auto" = bf16 on CUDA, fp32 elsewhere (method doc: the map difference is documented in docs/)."""
+    """"auto" = bf16 on CUDA; on the CPU bf16 where it has native bf16 instructions, else fp32.
+
+    bf16 on such a CPU ran the default model 1.5-1.9x faster and moved every metric on shared/data by at most
+    0.005 (benchmarks/precision.py, docs/speed.md); ``dtype="fp32"`` gives the exact fp32 maps.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+            return torch.bfloat16
+        return torch.float32
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
@@ -66,6 +93,7 @@ class AnomalyDetector:
         self._mean = torch.tensor(bb.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(bb.std, device=self.device).view(1, 3, 1, 1)
         self._warned_uncalibrated = False
+        self._warned_dtype = False
         self.references: Optional[Any] = None  # visualad.fewshot.ReferenceBank when few-shot mode is on
 
     @property
@@ -86,14 +114,16 @@ class AnomalyDetector:
     @classmethod
     def from_backbone(cls, backbone: str = "dinov2-s-imgfocus", device: Union[str, torch.device] = "auto",
                       dtype: Union[str, torch.dtype] = "auto", pretrained_backbone: bool = True,
-                      seed: Optional[int] = 111, **overrides: Any) -> "AnomalyDetector":
+                      seed: Optional[int] = 111, compile: bool = False, **overrides: Any) -> "AnomalyDetector":
         """A fresh, untrained head on a named backbone: the starting point of finetune().
 
         ``pretrained_backbone=False`` keeps random backbone weights (tests, shape checks); ``seed`` makes
-        the head's initialisation reproducible (the paper seeds 111 before building the model).
+        the head's initialisation reproducible (the paper seeds 111 before building the model);
+        ``compile=True``: see :meth:`compile`.
         """
         config = VisualADConfig(backbone=backbone, backbone_pretrained=pretrained_backbone, **overrides)
-        return cls._build(config, device, dtype, seed=seed)
+        det = cls._build(config, device, dtype, seed=seed)
+        return det.compile() if compile else det
 
     @classmethod
     def _build(cls, config: VisualADConfig, device: Union[str, torch.device], dtype: Union[str, torch.dtype],
@@ -116,13 +146,28 @@ class AnomalyDetector:
     def from_pretrained(cls, name_or_path: Optional[PathLike] = None, device: Union[str, torch.device] = "auto",
                         dtype: Union[str, torch.dtype] = "auto", image_size: Optional[int] = None,
                         cache_dir: Optional[PathLike] = None, revision: Optional[str] = None,
-                        local_files_only: Optional[bool] = None, token: Optional[str] = None) -> "AnomalyDetector":
-        """Load a model: None (the offline default), an alias, ``org/repo[@rev]`` or a local directory."""
+                        local_files_only: Optional[bool] = None, token: Optional[str] = None,
+                        compile: bool = False) -> "AnomalyDetector":
+        """Load a model: None (the offline default), an alias, ``org/repo[@rev]`` or a local directory.
+
+        ``compile=True`` compiles the model's forward (:meth:`compile`): opt-in for long-running servers.
+        """
         from .weights.resolve import resolve_model_dir
 
         fetch = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         model_dir = resolve_model_dir(name_or_path, revision=revision, **fetch)
-        return cls.load_dir(model_dir, device=device, dtype=dtype, image_size=image_size, **fetch)
+        det = cls.load_dir(model_dir, device=device, dtype=dtype, image_size=image_size, **fetch)
+        return det.compile() if compile else det
+
+    def compile(self, **options: Any) -> "AnomalyDetector":
+        """Compile the model's forward with ``torch.compile`` (options passed through; default dynamic=False).
+
+        Opt-in: the first batch of each new shape pays the compilation (tens of seconds), later batches run
+        the fused kernels. Needs a C++ compiler on the CPU (inductor). Returns the detector.
+        """
+        options.setdefault("dynamic", False)
+        self.model.compile(**options)
+        return self
 
     @classmethod
     def load_dir(cls, model_dir: PathLike, device: Union[str, torch.device] = "auto",
@@ -342,6 +387,12 @@ class AnomalyDetector:
                             "or pass threshold=")
                 self._warned_uncalibrated = True
             return
+        calibrated_in = stats.get("dtype")
+        if threshold is None and calibrated_in and calibrated_in != dtype_name(self.dtype) and not self._warned_dtype:
+            logger.warning("thresholds were calibrated in %s but the model runs in %s: scores differ slightly "
+                           "between precisions; calibrate again in this dtype or load with dtype=%r",
+                           calibrated_in, dtype_name(self.dtype), calibrated_in)
+            self._warned_dtype = True
         res.threshold = float(thr)
         res.pred_label = bool(res.pred_score >= thr)
         lo, hi = stats.get("min"), stats.get("max")

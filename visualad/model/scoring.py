@@ -32,23 +32,29 @@ def _reflect_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Smooth maps [B, H, W] (float32 math) exactly as scipy's gaussian_filter with mode='reflect'."""
+    """Smooth maps [B, H, W] exactly as scipy's gaussian_filter with mode='reflect'.
+
+    Always float32, also inside a bf16/fp16 autocast region: autocast would run the convolutions in 16 bits
+    and quantise the final map to ~3 significant digits (measured: most of the bf16-vs-fp32 map error).
+    """
     if sigma <= 0:
         return maps
     w = gaussian_kernel(sigma, maps.device)
     r = (w.numel() - 1) // 2
     b, h, wd = maps.shape
-    x = maps.float().unsqueeze(1)
-    x = x.index_select(3, _reflect_index(wd, r, maps.device))
-    x = F.conv2d(x, w.view(1, 1, 1, -1))
-    x = x.index_select(2, _reflect_index(h, r, maps.device))
-    x = F.conv2d(x, w.view(1, 1, -1, 1))
+    with torch.autocast(device_type=maps.device.type, enabled=False):
+        x = maps.float().unsqueeze(1)
+        x = x.index_select(3, _reflect_index(wd, r, maps.device))
+        x = F.conv2d(x, w.view(1, 1, 1, -1))
+        x = x.index_select(2, _reflect_index(h, r, maps.device))
+        x = F.conv2d(x, w.view(1, 1, -1, 1))
     return x.squeeze(1)
 
 
 def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear (align_corners=False) resize of [B, L, g, g] grids to [B, L, size, size]."""
-    return F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
+    """Bilinear (align_corners=False) resize of [B, L, g, g] grids to [B, L, size, size], in float32."""
+    with torch.autocast(device_type=maps.device.type, enabled=False):
+        return F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
 
 
 def topk_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
