@@ -281,3 +281,12 @@ def test_compile_opt_in_gives_the_eager_maps():
     assert hasattr(det.model, "_compiled_call_impl") and det.model._compiled_call_impl is not None
     np.testing.assert_allclose(maps, eager_maps, atol=1e-5, rtol=0)
     np.testing.assert_allclose(scores, eager_scores, atol=1e-5, rtol=0)
+    # weights changed after compiling (load, finetune) are seen: CPU weight freezing must not serve stale maps
+    with torch.no_grad():
+        for _, p in det.model.head_parameters():
+            p.add_(0.05)
+    edited, _ = det.forward_images(x)
+    det.model._compiled_call_impl = None
+    eager_edited, _ = det.forward_images(x)
+    assert np.abs(edited - maps).max() > 1e-3
+    np.testing.assert_allclose(edited, eager_edited, atol=1e-5, rtol=0)

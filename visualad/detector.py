@@ -160,12 +160,16 @@ class AnomalyDetector:
         return det.compile() if compile else det
 
     def compile(self, **options: Any) -> "AnomalyDetector":
-        """Compile the model's forward with ``torch.compile`` (options passed through; default dynamic=False).
+        """Compile the model's forward with ``torch.compile`` (keyword arguments passed through).
 
         Opt-in: the first batch of each new shape pays the compilation (tens of seconds), later batches run
-        the fused kernels. Needs a C++ compiler on the CPU (inductor). Returns the detector.
+        the fused kernels. Defaults: ``dynamic=False`` and, on the CPU, inductor's weight freezing (prepacked
+        bf16 weights: measured +10% over plain compile at 224 px, docs/speed.md). Needs a C++ compiler on the
+        CPU. Returns the detector.
         """
         options.setdefault("dynamic", False)
+        if self.device.type == "cpu":
+            options.setdefault("options", {"freezing": True})
         self.model.compile(**options)
         return self
 
