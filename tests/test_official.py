@@ -3,6 +3,7 @@ re-implementation of their inference (tests/reference_visualad.py) on a tiny ope
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import numpy as np
@@ -165,6 +166,9 @@ def test_converted_directory_contents_and_provenance(tiny_setup):
     d = tiny_setup["dir"]
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "backbone.safetensors", "config.json",
                                                    "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert d.stat().st_mode & 0o777 == 0o777 & ~umask  # like mkdir, not mkdtemp's 0700
     state = load_safetensors(d / "model.safetensors")
     assert not any(k.startswith(("final_norm.", "encoder.backbone.")) for k in state)  # ln_post not loaded
     assert torch.equal(state["sca.layer_3.gate.weight"],

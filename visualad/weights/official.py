@@ -11,12 +11,12 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from ..atomic import staging_dir
 from ..errors import WeightsError
 from .hub import sha256_file
 from .safe import is_lfs_pointer, load_safetensors, save_safetensors
@@ -300,8 +300,7 @@ def convert_official(checkpoint: PathLike, out_dir: PathLike, backbone: str = "c
         backbone_state = _library_state_dict(det.model.backbone)
         del sd
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         if backbone_state is not None:
             save_safetensors(backbone_state, tmp / BACKBONE_WEIGHTS_NAME,
