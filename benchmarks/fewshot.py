@@ -26,7 +26,6 @@ from visualad import AnomalyDetector, fewshot, metrics  # noqa: E402
 from visualad.data import images as imio  # noqa: E402
 from visualad.data.datasets import load_dataset, load_mask  # noqa: E402
 from visualad.evaluate import _reference_images  # noqa: E402
-from visualad.model import scoring  # noqa: E402
 
 CATEGORIES = {"tire": "mvtec_3d_ad_tire_rgb", "cookie": "lookout_cookies", "hazelnut": "mvtec_ad_reduced",
               "transistor": "mvtec_ad_reduced"}
@@ -69,9 +68,9 @@ def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[in
         zero, few = [], []
         for s in range(0, len(arrays), batch):
             with torch.inference_mode(), det._autocast():
-                comp = bank.components(det.model, det._to_batch(arrays[s:s + batch]))
-            zero.append(comp["zero_shot_grid"])
-            few.append(comp["few_shot_grid"])
+                fwd = det.model(det._to_batch(arrays[s:s + batch]))
+                zero.append(fwd.layer_maps.float().sum(dim=1))
+                few.append(bank.few_shot_grid(det.model, fwd))
         det.clear_references()
         zero_grid, few_grid = torch.cat(zero), torch.cat(few)
         row: Dict[str, Any] = {"k": len(refs)}
@@ -79,7 +78,7 @@ def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[in
             bank.weights = (1.0 - w, w)
             with torch.inference_mode():
                 grid = bank.fuse_grid(zero_grid, few_grid)
-                maps = scoring.gaussian_blur(scoring.upsample(grid[:, None], size)[:, 0], det.config.sigma)
+                maps = det.model.grid_to_map(grid)
                 scores = det.model.image_score(maps)
             pix = metrics.pixel_metrics(maps.numpy(), masks)
             img = metrics.image_metrics(scores.numpy(), labels)

@@ -43,13 +43,13 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU has bf16 matrix instructions (x86 AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo).
 
     Without them PyTorch emulates bf16 on the CPU, which is slower than fp32, so "auto" keeps fp32 there.
     """
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
@@ -59,9 +59,12 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The short name the API takes ("fp32", "bf16", "fp16")."""
-    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:

@@ -196,13 +196,12 @@ class ReferenceBank:
         self._check(model)
         with torch.inference_mode():
             out = model(batch)
-            size = model.config.image_size
             zero_grid = out.layer_maps.float().sum(dim=1)
             few_grid = self.few_shot_grid(model, out)
             fused_grid = self.fuse_grid(zero_grid, few_grid)
             res: Dict[str, torch.Tensor] = {"few_shot_grid": few_grid, "zero_shot_grid": zero_grid}
             for name, grid in (("zero_shot", zero_grid), ("few_shot", few_grid), ("fused", fused_grid)):
-                up = scoring.upsample(grid[:, None], size)[:, 0]
+                up = model.grid_to_map(grid, smooth=False)
                 if name == "few_shot":
                     res["few_shot_raw"] = up
                 res[name] = scoring.gaussian_blur(up, model.config.sigma)
@@ -215,8 +214,7 @@ class ReferenceBank:
         with torch.inference_mode():
             out = model(batch)
             fused_grid = self.fuse_grid(out.layer_maps.float().sum(dim=1), self.few_shot_grid(model, out))
-            maps = scoring.gaussian_blur(scoring.upsample(fused_grid[:, None], model.config.image_size)[:, 0],
-                                         model.config.sigma)
+            maps = model.grid_to_map(fused_grid)
             return maps, model.image_score(maps)
 
     # --- persistence -------------------------------------------------------------------------------
@@ -285,7 +283,6 @@ def reference_stats(model: "VisualAD", per_image: List[List[torch.Tensor]], zero
     """
     k = len(per_image)
     g = zero_grids.shape[-1]
-    size, sigma = model.config.image_size, model.config.sigma
     few = []
     for i in range(k):
         total = torch.zeros(g * g, device=zero_grids.device)
@@ -298,10 +295,7 @@ def reference_stats(model: "VisualAD", per_image: List[List[torch.Tensor]], zero
         few.append((total / len(layers)).view(g, g))
     few_grids = torch.stack(few)
 
-    def smoothed(grids: torch.Tensor) -> torch.Tensor:
-        return scoring.gaussian_blur(scoring.upsample(grids[:, None], size)[:, 0], sigma)
-
-    zs, fs = smoothed(zero_grids), smoothed(few_grids)
+    zs, fs = model.grid_to_map(zero_grids), model.grid_to_map(few_grids)
     eps = 1e-6
     return {"zs_mean": float(zs.mean()), "zs_std": max(float(zs.std()), eps),
             "fs_mean": float(fs.mean()), "fs_std": max(float(fs.std()), eps),

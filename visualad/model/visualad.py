@@ -87,8 +87,11 @@ class VisualAD(nn.Module):
         Bilinear upsampling is linear, so the layers are summed on the grid and upsampled once; this
         equals the authors' upsample-then-sum up to float rounding.
         """
-        size = self.config.image_size
-        raw = scoring.upsample(out.layer_maps.sum(dim=1, keepdim=True), size)[:, 0]
+        return self.grid_to_map(out.layer_maps.sum(dim=1), smooth=smooth)
+
+    def grid_to_map(self, grid: torch.Tensor, smooth: bool = True) -> torch.Tensor:
+        """A patch-grid map [B, g, g] upsampled (bilinear) to the input size [B, S, S], then smoothed."""
+        raw = scoring.upsample(grid[:, None], self.config.image_size)[:, 0]
         return scoring.gaussian_blur(raw, self.config.sigma) if smooth else raw
 
     def image_score(self, fused: torch.Tensor) -> torch.Tensor:
