@@ -263,3 +263,25 @@ def test_cli_finetune_and_resume_message(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[0])["steps"] == 2
     assert main(args + ["--resume"]) != 0  # finished: nothing to resume, and the error says so
     assert "finished" in capsys.readouterr().err
+
+
+def test_compiled_detector_trains_eagerly_and_keeps_its_compiled_call(tmp_path):
+    """A detector compiled for inference trains through the eager forward (the compiled graph is eval-only)
+    and gets its compiled call back afterwards, also when training fails."""
+    aux = _make_mvtec(tmp_path / "aux")
+    det = _tiny()
+
+    def compiled_call(*args, **kwargs):
+        raise AssertionError("training went through the compiled inference call")
+
+    det.model._compiled_call_impl = compiled_call
+    report = det.finetune(aux, epochs=1, batch_size=8, progress=False)
+    assert math.isfinite(report["final_loss"])
+    assert det.model._compiled_call_impl is compiled_call and not det.model.training
+    with pytest.raises(ValueError):
+        det.finetune(aux, epochs=1, batch_size=8, progress=False, on_epoch_end=_raise_value_error)
+    assert det.model._compiled_call_impl is compiled_call
+
+
+def _raise_value_error(epoch, stats):
+    raise ValueError("stop")

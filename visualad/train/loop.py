@@ -567,8 +567,13 @@ def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
 @contextlib.contextmanager
 def _training_context(detector: "AnomalyDetector", config: TrainConfig) -> Iterator[None]:
     """Train mode, gradient checkpointing and deterministic mode for the run; the caller's RNG, settings
-    and eval mode come back afterwards, even on an exception or interruption."""
+    and eval mode come back afterwards, even on an exception or interruption.
+
+    A detector compiled for inference (:meth:`AnomalyDetector.compile`) trains eagerly: its graph was built
+    for eval mode without gradients, and CPU weight freezing is inference-only. The compiled call comes back
+    afterwards and sees the trained weights."""
     model = detector.model
+    compiled = getattr(model, "_compiled_call_impl", None)
     dev = detector.device
     cuda_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     old_ckpt = model.encoder.gradient_checkpointing
@@ -580,11 +585,13 @@ def _training_context(detector: "AnomalyDetector", config: TrainConfig) -> Itera
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
                 torch.use_deterministic_algorithms(True, warn_only=True)
             model.encoder.gradient_checkpointing = bool(config.gradient_checkpointing)
+            model._compiled_call_impl = None
             model.train()
             with torch.enable_grad():
                 yield
         finally:
             model.eval()
+            model._compiled_call_impl = compiled
             model.encoder.gradient_checkpointing = old_ckpt
             torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
 
