@@ -1,6 +1,7 @@
 """Few-shot benchmark: zero-shot vs references-only vs fused, then memory and time with 16 references.
 
     python benchmarks/fewshot.py [--data ../shared/data] [--shots 1 4 16] [--heads runs/protocol] [--skip-speed]
+                                 [--bootstrap 200]
 
 Uses the trained default model when one ships (AnomalyDetector.from_pretrained()), else the untrained head on
 the offline DINOv2-S/14 (from_backbone("dinov2-s-imgfocus")); it prints which. References are drawn from each
@@ -50,9 +51,11 @@ def prepared(det: AnomalyDetector, paths: List[Path]) -> List[np.ndarray]:
 
 
 def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[int], weights: List[float],
-                 batch: int = 8) -> Dict[int, Dict[str, Any]]:
+                 batch: int = 8, keep: "tuple[float, ...]" = ()) -> Dict[int, Dict[str, Any]]:
     """Per K: metrics of the fused rule for every few-shot weight w (w = 0: the zero-shot map, w = 1: the
-    references-only map, both up to an affine map, to which all metrics are invariant)."""
+    references-only map, both up to an affine map, to which all metrics are invariant). The maps and scores
+    of the weights in ``keep`` are kept (``row["maps"][w]``, with ``masks`` and ``labels``) for the
+    bootstrap."""
     dataset = root / CATEGORIES[category]
     test = [s for s in load_dataset(dataset).samples if s.category == category]
     train = load_dataset(dataset, split="train")
@@ -73,7 +76,7 @@ def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[in
                 few.append(bank.few_shot_grid(det.model, fwd))
         det.clear_references()
         zero_grid, few_grid = torch.cat(zero), torch.cat(few)
-        row: Dict[str, Any] = {"k": len(refs)}
+        row: Dict[str, Any] = {"k": len(refs), "maps": {}, "masks": masks, "labels": labels}
         for w in weights:
             bank.weights = (1.0 - w, w)
             with torch.inference_mode():
@@ -83,6 +86,8 @@ def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[in
             pix = metrics.pixel_metrics(maps.numpy(), masks)
             img = metrics.image_metrics(scores.numpy(), labels)
             row[w] = np.array([img["auroc"], pix["auroc"], pix["aupro"]])
+            if w in keep:
+                row["maps"][w] = (maps.numpy(), scores.numpy())
         out[k] = row
         print(f"# {category} K={k} ({len(refs)} refs): " + "  ".join(
             f"w={w} {np.round(row[w], 3).tolist()}" for w in weights), file=sys.stderr, flush=True)
@@ -116,6 +121,45 @@ def sweep(results: Dict[str, Dict[int, Dict]], shots: List[int], weights: List[f
         lines.append(f"| {w:g} | " + " | ".join(" / ".join(f"{v:.3f}" for v in m) for m in means)
                      + f" | {np.mean(means):.4f} |")
     return "\n".join(lines)
+
+
+def bootstrap(results: Dict[str, Dict[int, Dict]], shots: List[int], pairs: Dict[str, "tuple[float, float]"],
+              n: int, seed: int = 0) -> str:
+    """Paired bootstrap over test images, stratified by category and label: the 95% interval of the
+    difference in the mean of all metrics (categories x K x I / P / PRO) between two weights. Why: the test
+    splits are small (hazelnut and transistor: 2 normal and 8 anomalous images), so a difference of a few
+    thousandths may be noise."""
+    rng = np.random.default_rng(seed)
+    weights = sorted({w for pair in pairs.values() for w in pair})
+
+    def means(pick: Dict[str, np.ndarray]) -> Dict[float, float]:
+        vals: Dict[float, List[np.ndarray]] = {w: [] for w in weights}
+        for c, by_k in results.items():
+            for k in shots:
+                r, i = by_k[k], pick[c]
+                for w in weights:
+                    maps, scores = r["maps"][w]
+                    pix = metrics.pixel_metrics(maps[i], r["masks"][i])
+                    img = metrics.image_metrics(scores[i], r["labels"][i])
+                    vals[w].append(np.array([img["auroc"], pix["auroc"], pix["aupro"]]))
+        return {w: float(np.mean(v)) for w, v in vals.items()}
+
+    labels = {c: by_k[shots[0]]["labels"] for c, by_k in results.items()}
+    point = means({c: np.arange(len(lab)) for c, lab in labels.items()})
+    draws = []
+    for _ in range(n):
+        pick = {c: np.concatenate([rng.choice(np.flatnonzero(lab == v), int((lab == v).sum())) for v in (0, 1)])
+                for c, lab in labels.items()}
+        m = means(pick)
+        draws.append([m[a] - m[b] for a, b in pairs.values()])
+    d = np.array(draws)
+    lines = ["| difference of the all-metric mean | point | bootstrap mean | 95% interval | share of draws > 0 |",
+             "|---|---|---|---|---|"]
+    for j, (name, (a, b)) in enumerate(pairs.items()):
+        lo, hi = np.percentile(d[:, j], [2.5, 97.5])
+        lines.append(f"| {name} | {point[a] - point[b]:+.4f} | {d[:, j].mean():+.4f} | [{lo:+.4f}, {hi:+.4f}] "
+                     f"| {np.mean(d[:, j] > 0):.2f} |")
+    return "\n".join(lines) + f"\n\n({n} draws, seed {seed})"
 
 
 def rss_mb() -> float:
@@ -173,6 +217,8 @@ def main() -> None:
                          "--out HEADS): HEADS/without-<category> is used for that category")
     ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                     help="few-shot weights w of the fused rule to measure (0 and 1 are the two parts)")
+    ap.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                    help="N paired bootstrap draws over test images: 95%% interval of fused minus each part")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-table", action="store_true")
     args = ap.parse_args()
@@ -180,7 +226,8 @@ def main() -> None:
     if not args.skip_speed:  # first: the peak-RSS delta is only meaningful in a fresh process
         print("\n" + speed(args.data) + "\n", flush=True)
     if not args.skip_table:
-        weights = sorted(set(args.weights) | {0.0, 1.0, fewshot.DEFAULT_WEIGHTS[1]})
+        default_w = fewshot.DEFAULT_WEIGHTS[1]
+        weights = sorted(set(args.weights) | {0.0, 1.0, default_w})
         t0 = time.perf_counter()
         results = {}
         for c in args.categories:
@@ -188,12 +235,16 @@ def main() -> None:
             print(f"{c}: {which}; image size {det.config.image_size}; few-shot layers "
                   f"{list(fewshot.default_layers(det.config.layers))}; torch threads {torch.get_num_threads()}; "
                   f"dtype {det.dtype}", flush=True)
-            results[c] = run_category(det, args.data, c, args.shots, weights)
-        default_w = fewshot.DEFAULT_WEIGHTS[1]
+            keep = (0.0, default_w, 1.0) if args.bootstrap else ()
+            results[c] = run_category(det, args.data, c, args.shots, weights, keep=keep)
         print("\nImage AUROC / pixel AUROC / AUPRO (maps at model size)\n")
         print(table(results, args.shots, {"zero_shot": 0.0, "few_shot": 1.0, f"fused (w={default_w:g})": default_w}))
         print("\nFused rule, mean over the categories, per few-shot weight w\n")
         print(sweep(results, args.shots, weights))
+        if args.bootstrap:
+            print(f"\nPaired bootstrap over test images (fused w={default_w:g})\n")
+            print(bootstrap(results, args.shots, {"fused - references only": (default_w, 1.0),
+                                                  "fused - zero-shot": (default_w, 0.0)}, args.bootstrap))
         print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 
