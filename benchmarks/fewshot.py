@@ -71,9 +71,10 @@ def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[in
         zero, few = [], []
         for s in range(0, len(arrays), batch):
             with torch.inference_mode(), det._autocast():
-                fwd = det.model(det._to_batch(arrays[s:s + batch]))
+                images = det._to_batch(arrays[s:s + batch])
+                fwd = det.model(images)
                 zero.append(fwd.layer_maps.float().sum(dim=1))
-                few.append(bank.few_shot_grid(det.model, fwd))
+                few.append(bank.few_shot_grid(det.model, images, fwd))
         det.clear_references()
         zero_grid, few_grid = torch.cat(zero), torch.cat(few)
         row: Dict[str, Any] = {"k": len(refs), "maps": {}, "masks": masks, "labels": labels}

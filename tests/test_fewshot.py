@@ -127,3 +127,64 @@ def test_bank_options_and_errors(tiny_detector):
     with pytest.raises(ValueError):
         fewshot.build_bank(det, _images(1, 9), layers=[99])
     assert fewshot.default_layers((3, 6, 9, 12)) == (6, 9)
+
+
+def test_backbone_features_ignore_the_learned_tokens():
+    """The bank's default features come from the backbone alone: editing the tokens moves the model's own
+    patch features but not these; layers come back in the order asked, and no block past the deepest runs.
+    (A tiny CLIP tower: the random DINOv2 one's LayerScale of 1e-5 hides the tokens' effect.)"""
+    from conftest import TINY_CLIP
+
+    from visualad import AnomalyDetector
+
+    det = AnomalyDetector.from_backbone(device="cpu", pretrained_backbone=False, image_size=64, **TINY_CLIP)
+    model = det.model
+    x = torch.randn(2, 3, 64, 64)
+    layers = tuple(reversed(det.config.layers[:2]))
+    with torch.inference_mode():
+        before = model.backbone_features(x, layers)
+        own_before = model(x).patch_features
+        outs, _ = model.encoder(x, with_tokens=False)
+        start = model.backbone.num_prefix_tokens
+        for layer, f in zip(layers, before):
+            expected = model.backbone.final_norm(outs[model.config.layers.index(layer)][:, start:])
+            torch.testing.assert_close(f, expected, atol=1e-6, rtol=0)
+        g = torch.Generator().manual_seed(0)  # a random direction: a constant shift is removed by LayerNorm
+        model.encoder.anomaly_token.add_(3 * torch.randn(model.encoder.anomaly_token.shape, generator=g))
+        model.encoder.normal_token.add_(3 * torch.randn(model.encoder.normal_token.shape, generator=g))
+        after = model.backbone_features(x, layers)
+        own_after = model(x).patch_features
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert max(float((a - b).abs().max()) for a, b in zip(own_before, own_after)) > 1e-3
+
+    calls = []
+    run_block = model.backbone.run_block
+    model.backbone.run_block = lambda i, h: calls.append(i) or run_block(i, h)
+    try:
+        with torch.inference_mode():
+            model.backbone_features(x, layers)
+    finally:
+        del model.backbone.run_block
+    assert calls == list(range(max(layers)))
+
+
+def test_bank_schema_1_backbone_means_the_models_own_patches(tiny_detector, tmp_path):
+    """Banks written before the token-free features named the model's own pre-SAF patches "backbone"."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from visualad.errors import WeightsError
+
+    bank = fewshot.build_bank(tiny_detector, _images(2, 10), feature="patches")
+    path = bank.save(tmp_path / "refs.safetensors")
+    with safe_open(str(path), "pt") as fh:
+        meta = json.loads(fh.metadata()["visualad_references"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    for schema, feature, expect in (("1", "backbone", "patches"), ("1", "saf", "saf"), ("2", "backbone", "backbone")):
+        save_file(tensors, str(path), metadata={"visualad_references": json.dumps(dict(meta, schema=schema,
+                                                                                        feature=feature))})
+        assert fewshot.ReferenceBank.load(path).feature == expect
+    save_file(tensors, str(path), metadata={"visualad_references": json.dumps(dict(meta, schema="99"))})
+    with pytest.raises(WeightsError, match="schema"):
+        fewshot.ReferenceBank.load(path)

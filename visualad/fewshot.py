@@ -2,11 +2,14 @@
 
 Why: zero-shot transfer from a small auxiliary set is fragile, while almost every user has a few good
 parts. A nearest-neighbour (NN) patch distance against K normal images of the same product, computed on the
-same frozen backbone forward that the zero-shot head uses, is a strong and cheap complement.
+same frozen backbone that the zero-shot head uses, is a strong and cheap complement.
 
-What happens per test batch (one model forward, :meth:`ReferenceBank.predict`):
+What happens per test batch (:meth:`ReferenceBank.predict`):
 
-1. ``out = model(batch)`` gives the zero-shot layer maps and the per-layer patch features.
+1. ``out = model(batch)`` gives the zero-shot layer maps. The patch features come from the frozen backbone
+   run alone on the same batch (no inserted tokens, its own final norm, only up to the deepest few-shot
+   layer): in the model's forward the learned tokens share attention with the patches and shift their
+   features, differently for every trained head, which measurably weakened the nearest-neighbour map.
 2. Few-shot grid map: for every chosen layer, the cosine distance ``1 - cos`` of each test patch to its
    nearest reference patch (exact search: chunked matrix products on L2-normalised features, no new
    dependency), averaged over the chosen layers.
@@ -24,8 +27,8 @@ What happens per test batch (one model forward, :meth:`ReferenceBank.predict`):
    rises with w_fs, and references alone (w_fs = 1) are 0.001-0.013 better than the default; more weight on
    the zero-shot map costs more (equal weights: 0.03-0.07). Pass ``weights=`` to ``set_references`` for a
    stronger head.
-   Few-shot features: the frozen backbone's patches before SAF (measured better than after SAF), from the
-   middle chosen layers (:func:`default_layers`).
+   Few-shot features: the frozen backbone's own patch features (measured better than the model's pre-SAF or
+   post-SAF patches), from the middle chosen layers (:func:`default_layers`).
 4. The fused grid is upsampled and Gaussian-smoothed exactly as the zero-shot map; the image score is the
    model's top-k mean of the smoothed fused map.
 
@@ -52,10 +55,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
-FEATURES = ("backbone", "saf")  # patch features before SAF (frozen backbone) or after the trained SAF
+# "backbone": the frozen backbone run alone (no inserted tokens, its own final norm; one extra partial
+# forward); "patches": the model's own pre-SAF patch features (same forward, shifted by the learned tokens);
+# "saf": those after the trained SAF.
+FEATURES = ("backbone", "patches", "saf")
 DEFAULT_FEATURE = "backbone"
 DEFAULT_WEIGHTS = (0.1, 0.9)  # (zero-shot, few-shot) weights of the z-scored maps: measured, docs/few-shot.md
-BANK_SCHEMA = "1"
+BANK_SCHEMA = "2"  # schema 1 named the model's own pre-SAF features "backbone" (now "patches")
 _CHUNK_ELEMENTS = 1 << 24  # similarity-matrix elements per chunk (64 MB in float32)
 
 
@@ -85,8 +91,11 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1, eps=1e-8)
 
 
-def layer_features(model: "VisualAD", out: "VisualADOutput", layers: Sequence[int], feature: str) -> List[torch.Tensor]:
-    """Per chosen layer [B, N, C] L2-normalised patch features (pre-SAF, or passed through the layer's SAF)."""
+def layer_features(model: "VisualAD", images: torch.Tensor, out: "VisualADOutput", layers: Sequence[int],
+                   feature: str) -> List[torch.Tensor]:
+    """Per layer [B, N, C] L2-normalised patch features of the kind ``feature`` (see :data:`FEATURES`)."""
+    if feature == "backbone":
+        return [_normalise(f) for f in model.backbone_features(images, layers)]
     feats = []
     for layer in layers:
         f = out.patch_features[model.config.layers.index(layer)]
@@ -163,9 +172,11 @@ class ReferenceBank:
                 f"patches={self.n_patches}, bytes={self.nbytes})")
 
     # --- scoring -----------------------------------------------------------------------------------
-    def few_shot_grid(self, model: "VisualAD", out: "VisualADOutput") -> torch.Tensor:
-        """Raw NN cosine distances on the patch grid, mean over the bank's layers: [B, g, g]."""
-        feats = layer_features(model, out, self.layers, self.feature)
+    def few_shot_grid(self, model: "VisualAD", images: torch.Tensor, out: "VisualADOutput") -> torch.Tensor:
+        """Raw NN cosine distances on the patch grid, mean over the bank's layers: [B, g, g].
+
+        ``images`` and ``out`` are the batch and the model's forward on it."""
+        feats = layer_features(model, images, out, self.layers, self.feature)
         b, n = feats[0].shape[:2]
         g = int(round(math.sqrt(n)))
         total = torch.zeros(b * n, device=feats[0].device, dtype=torch.float32)
@@ -197,7 +208,7 @@ class ReferenceBank:
         with torch.inference_mode():
             out = model(batch)
             zero_grid = out.layer_maps.float().sum(dim=1)
-            few_grid = self.few_shot_grid(model, out)
+            few_grid = self.few_shot_grid(model, batch, out)
             fused_grid = self.fuse_grid(zero_grid, few_grid)
             res: Dict[str, torch.Tensor] = {"few_shot_grid": few_grid, "zero_shot_grid": zero_grid}
             for name, grid in (("zero_shot", zero_grid), ("few_shot", few_grid), ("fused", fused_grid)):
@@ -213,7 +224,7 @@ class ReferenceBank:
         self._check(model)
         with torch.inference_mode():
             out = model(batch)
-            fused_grid = self.fuse_grid(out.layer_maps.float().sum(dim=1), self.few_shot_grid(model, out))
+            fused_grid = self.fuse_grid(out.layer_maps.float().sum(dim=1), self.few_shot_grid(model, batch, out))
             maps = model.grid_to_map(fused_grid)
             return maps, model.image_score(maps)
 
@@ -247,8 +258,14 @@ class ReferenceBank:
         if raw is None:
             raise WeightsError("not a visualad reference bank (no 'visualad_references' metadata)", path)
         meta = json.loads(raw)
+        feature = meta["feature"]
+        if str(meta.get("schema")) == "1" and feature == "backbone":
+            feature = "patches"  # what schema 1 called "backbone": the features were taken from the model's forward
+        elif str(meta.get("schema")) not in ("1", BANK_SCHEMA):
+            raise WeightsError(f"reference bank schema {meta.get('schema')!r} is newer than this visualad "
+                               f"understands ({BANK_SCHEMA}); upgrade visualad", path)
         features = {int(k.split("_", 1)[1]): v.to(device) for k, v in tensors.items()}
-        bank = cls(features, feature=meta["feature"], shots=meta["shots"], image_size=meta.get("image_size"),
+        bank = cls(features, feature=feature, shots=meta["shots"], image_size=meta.get("image_size"),
                    stats=meta["stats"], weights=tuple(meta.get("weights", DEFAULT_WEIGHTS)),
                    meta=meta.get("extra"))
         logger.info("loaded reference bank: %d shots, %d bytes from %s", bank.shots, bank.nbytes, path)
@@ -318,8 +335,8 @@ def build_bank(detector: "AnomalyDetector", items: Sequence[Any], batch_size: in
 
     ``max_patches``: optional greedy coreset subsampling to that many patches per layer (seeded); the fusion
     statistics are computed on the full set before subsampling. ``layers``: which of the model's layers
-    feed the NN map (default :func:`default_layers`: the middle ones, measured best). ``feature``:
-    ``"backbone"`` (pre-SAF, default, measured better) or ``"saf"``.
+    feed the NN map (default :func:`default_layers`: the middle ones, measured best). ``feature``: one of
+    :data:`FEATURES`; ``"backbone"`` (default) was measured best and is the same whatever the trained head.
     """
     from .data import images as imio
 
@@ -343,7 +360,7 @@ def build_bank(detector: "AnomalyDetector", items: Sequence[Any], batch_size: in
         batch = detector._to_batch(arrays)
         with torch.inference_mode(), detector._autocast():
             out = model(batch)
-            feats = layer_features(model, out, layers, feature)
+            feats = layer_features(model, batch, out, layers, feature)
             zero.append(out.layer_maps.float().sum(dim=1))
         for i in range(len(chunk)):
             per_image.append([f[i].clone() for f in feats])

@@ -5,7 +5,7 @@ attention is full and unmasked, and the chosen layers' outputs are collected bef
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,10 +33,13 @@ class TokenInsertedViT(nn.Module):
         """Tokens before the first patch: the two inserted ones, CLS and registers."""
         return NUM_TOKENS + self.backbone.num_prefix_tokens
 
-    def forward(self, images: torch.Tensor, with_tokens: bool = True) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """images [B, 3, H, W] (normalised) -> (outputs of the chosen blocks [B, S, C], last block [B, S, C]).
+    def forward(self, images: torch.Tensor, with_tokens: bool = True,
+                layers: Optional[Sequence[int]] = None) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """images [B, 3, H, W] (normalised) -> (outputs of the chosen blocks [B, S, C], last block run [B, S, C]).
 
-        With ``with_tokens=False`` the backbone runs unchanged (used to check parity with the library).
+        With ``with_tokens=False`` the backbone runs unchanged (the plain backbone: parity with the library,
+        few-shot features). ``layers`` (default the chosen ones) picks other blocks; the blocks after the
+        deepest one asked for are not run.
         """
         bb = self.backbone
         seq, token_pos = bb.embed(images)
@@ -44,9 +47,10 @@ class TokenInsertedViT(nn.Module):
             tokens = torch.stack([self.anomaly_token, self.normal_token]) + token_pos
             seq = torch.cat([tokens.to(seq.dtype).expand(seq.shape[0], -1, -1), seq], dim=1)
         x = bb.pre_norm(seq)
-        wanted = set(self.layers)
+        wanted = set(self.layers if layers is None else layers)
+        depth = bb.depth if layers is None else max(wanted)
         outs = []
-        for i in range(bb.depth):
+        for i in range(depth):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(bb.run_block, i, x, use_reentrant=False)
             else:

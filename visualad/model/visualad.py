@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Dict, Iterator, Mapping, Tuple
+from typing import Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -80,6 +80,16 @@ class VisualAD(nn.Module):
             maps.append(s.view(b, self.grid, self.grid))
             feats.append(patches)
         return VisualADOutput(torch.stack(maps, dim=1), enhanced, tuple(feats))
+
+    def backbone_features(self, images: torch.Tensor, layers: Sequence[int]) -> List[torch.Tensor]:
+        """Patch features [B, N, C] of the frozen backbone alone at ``layers``: no inserted tokens, its own
+        final norm; blocks past the deepest layer are not run. The few-shot memory bank compares these: in
+        the model's forward the learned tokens share attention with the patches and shift their features,
+        differently for every trained head (measured in docs/few-shot.md)."""
+        outs, _ = self.encoder(images, with_tokens=False, layers=layers)
+        by_layer = dict(zip(sorted(set(layers)), outs))
+        start = self.backbone.num_prefix_tokens
+        return [self.backbone.final_norm(by_layer[layer][:, start:]) for layer in layers]
 
     def fused_map(self, out: VisualADOutput, smooth: bool = True) -> torch.Tensor:
         """Sum of the upsampled layer maps [B, S, S], Gaussian-smoothed for prediction.
