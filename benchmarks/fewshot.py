@@ -51,7 +51,8 @@ def prepared(det: AnomalyDetector, paths: List[Path]) -> List[np.ndarray]:
 
 
 def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[int], weights: List[float],
-                 batch: int = 8, keep: "tuple[float, ...]" = ()) -> Dict[int, Dict[str, Any]]:
+                 batch: int = 8, keep: "tuple[float, ...]" = (),
+                 feature: str = fewshot.DEFAULT_FEATURE) -> Dict[int, Dict[str, Any]]:
     """Per K: metrics of the fused rule for every few-shot weight w (w = 0: the zero-shot map, w = 1: the
     references-only map, both up to an affine map, to which all metrics are invariant). The maps and scores
     of the weights in ``keep`` are kept (``row["maps"][w]``, with ``masks`` and ``labels``) for the
@@ -66,7 +67,7 @@ def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[in
     out = {}
     for k in shots:
         refs = _reference_images(train, category, k, 42)
-        det.set_references(refs)
+        det.set_references(refs, feature=feature)
         bank = det.references
         zero, few = [], []
         for s in range(0, len(arrays), batch):
@@ -194,6 +195,9 @@ def speed(root: Path, n_images: int = 16, repeats: int = 2) -> str:
     t_few = timed()
     rss1 = rss_mb()
     bank = det.references
+    det.set_references(refs, feature="patches")  # the single-forward alternative, for the price of the default
+    t_patches = timed()
+    det.set_references(refs)
     return "\n".join([
         f"| image size | {det.config.image_size} px (grid {det.model.grid}x{det.model.grid}) |",
         "|---|---|",
@@ -203,6 +207,8 @@ def speed(root: Path, n_images: int = 16, repeats: int = 2) -> str:
         f"| build time (16 refs) | {t_build:.2f} s |",
         f"| time per image, zero-shot | {t_zero:.3f} s |",
         f"| time per image, few-shot fused | {t_few:.3f} s ({100 * (t_few / t_zero - 1):+.0f}%) |",
+        f"| time per image, few-shot fused, feature='patches' | {t_patches:.3f} s "
+        f"({100 * (t_patches / t_zero - 1):+.0f}%) |",
         f"| threads | {torch.get_num_threads()} |",
     ])
 
@@ -218,6 +224,8 @@ def main() -> None:
                          "--out HEADS): HEADS/without-<category> is used for that category")
     ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                     help="few-shot weights w of the fused rule to measure (0 and 1 are the two parts)")
+    ap.add_argument("--feature", choices=fewshot.FEATURES, default=fewshot.DEFAULT_FEATURE,
+                    help="patch features of the memory bank (set_references(feature=...))")
     ap.add_argument("--bootstrap", type=int, default=0, metavar="N",
                     help="N paired bootstrap draws over test images: 95%% interval of fused minus each part")
     ap.add_argument("--skip-speed", action="store_true")
@@ -235,9 +243,9 @@ def main() -> None:
             det, which = load_detector(args.image_size, args.heads, c)
             print(f"{c}: {which}; image size {det.config.image_size}; few-shot layers "
                   f"{list(fewshot.default_layers(det.config.layers))}; torch threads {torch.get_num_threads()}; "
-                  f"dtype {det.dtype}", flush=True)
+                  f"dtype {det.dtype}; bank features {args.feature}", flush=True)
             keep = (0.0, default_w, 1.0) if args.bootstrap else ()
-            results[c] = run_category(det, args.data, c, args.shots, weights, keep=keep)
+            results[c] = run_category(det, args.data, c, args.shots, weights, keep=keep, feature=args.feature)
         print("\nImage AUROC / pixel AUROC / AUPRO (maps at model size)\n")
         print(table(results, args.shots, {"zero_shot": 0.0, "few_shot": 1.0, f"fused (w={default_w:g})": default_w}))
         print("\nFused rule, mean over the categories, per few-shot weight w\n")

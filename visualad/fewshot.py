@@ -24,9 +24,10 @@ What happens per test batch (:meth:`ReferenceBank.predict`):
    "standard deviations above normal" units, which makes the two comparable without labels.
    Default weights ``w_zs = 0.1, w_fs = 0.9`` (:data:`DEFAULT_WEIGHTS`), measured on ``../shared/data``
    (``docs/few-shot.md``): with ViT-S heads trained without the test category, the mean of every metric
-   rises with w_fs, and references alone (w_fs = 1) are 0.001-0.013 better than the default; more weight on
-   the zero-shot map costs more (equal weights: 0.03-0.07). Pass ``weights=`` to ``set_references`` for a
-   stronger head.
+   rises with w_fs, and references alone (w_fs = 1) are 0.0005-0.009 better than the default over six
+   head sets (within the test sets' bootstrap noise); more weight on the zero-shot map costs more (equal
+   weights: about 0.06). The small zero-shot weight is kept for heads that do transfer; pass ``weights=``
+   to ``set_references`` to change it.
    Few-shot features: the frozen backbone's own patch features (measured better than the model's pre-SAF or
    post-SAF patches), from the middle chosen layers (:func:`default_layers`).
 4. The fused grid is upsampled and Gaussian-smoothed exactly as the zero-shot map; the image score is the
