@@ -200,7 +200,7 @@ class ReferenceBank:
         return (wz * (zero_grid - s["zs_mean"]) / s["zs_std"] + wf * (few_grid - s["fs_mean"]) / s["fs_std"])
 
     def components(self, model: "VisualAD", batch: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """All maps of one forward, for tests and benchmarks: model-size [B, S, S] float32.
+        """All maps of one batch, for tests and benchmarks: model-size [B, S, S] float32.
 
         ``zero_shot`` / ``few_shot`` / ``fused`` are smoothed (as predicted); ``few_shot_raw`` is the raw NN
         distance upsampled without smoothing; ``*_score`` are top-k means of the smoothed maps.
@@ -221,7 +221,7 @@ class ReferenceBank:
         return res
 
     def predict(self, model: "VisualAD", batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Smoothed fused maps [B, S, S] (float32) and image scores [B]: one forward of the model."""
+        """Smoothed fused maps [B, S, S] (float32) and image scores [B] of one batch."""
         self._check(model)
         with torch.inference_mode():
             out = model(batch)
