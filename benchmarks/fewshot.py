@@ -1,7 +1,7 @@
 """Few-shot benchmark: zero-shot vs references-only vs fused, then memory and time with 16 references.
 
     python benchmarks/fewshot.py [--data ../shared/data] [--shots 1 4 16] [--heads runs/protocol] [--skip-speed]
-                                 [--bootstrap 200]
+                                 [--bootstrap 100] [--feature backbone|patches|saf]
 
 Uses the trained default model when one ships (AnomalyDetector.from_pretrained()), else the untrained head on
 the offline DINOv2-S/14 (from_backbone("dinov2-s-imgfocus")); it prints which. References are drawn from each
