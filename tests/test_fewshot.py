@@ -126,6 +126,8 @@ def test_bank_options_and_errors(tiny_detector):
         fewshot.build_bank(det, _images(1, 9), feature="nope")
     with pytest.raises(ValueError):
         fewshot.build_bank(det, _images(1, 9), layers=[99])
+    with pytest.raises(ValueError, match="at least one"):
+        fewshot.build_bank(det, _images(1, 9), layers=[])
     assert fewshot.default_layers((3, 6, 9, 12)) == (6, 9)
 
 

@@ -347,6 +347,8 @@ def build_bank(detector: "AnomalyDetector", items: Sequence[Any], batch_size: in
     if feature not in FEATURES:
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
     bad = [l for l in layers if l not in model.config.layers]
+    if not layers:
+        raise ValueError(f"layers must name at least one of this model's layers {model.config.layers}")
     if bad:
         raise ValueError(f"layers {bad} are not layers of this model {model.config.layers}")
     if not items:
