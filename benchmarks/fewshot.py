@@ -50,6 +50,13 @@ def prepared(det: AnomalyDetector, paths: List[Path]) -> List[np.ndarray]:
     return [imio.resize_to_square(imio.load_image(p).array, det.config.image_size) for p in paths]
 
 
+def scored(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[image AUROC, pixel AUROC, AUPRO] of model-size maps and image scores."""
+    pix = metrics.pixel_metrics(maps, masks)
+    img = metrics.image_metrics(scores, labels)
+    return np.array([img["auroc"], pix["auroc"], pix["aupro"]])
+
+
 def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[int], weights: List[float],
                  batch: int = 8, keep: "tuple[float, ...]" = (),
                  feature: str = fewshot.DEFAULT_FEATURE) -> Dict[int, Dict[str, Any]]:
@@ -85,9 +92,7 @@ def run_category(det: AnomalyDetector, root: Path, category: str, shots: List[in
                 grid = bank.fuse_grid(zero_grid, few_grid)
                 maps = det.model.grid_to_map(grid)
                 scores = det.model.image_score(maps)
-            pix = metrics.pixel_metrics(maps.numpy(), masks)
-            img = metrics.image_metrics(scores.numpy(), labels)
-            row[w] = np.array([img["auroc"], pix["auroc"], pix["aupro"]])
+            row[w] = scored(maps.numpy(), scores.numpy(), masks, labels)
             if w in keep:
                 row["maps"][w] = (maps.numpy(), scores.numpy())
         out[k] = row
@@ -141,9 +146,7 @@ def bootstrap(results: Dict[str, Dict[int, Dict]], shots: List[int], pairs: Dict
                 r, i = by_k[k], pick[c]
                 for w in weights:
                     maps, scores = r["maps"][w]
-                    pix = metrics.pixel_metrics(maps[i], r["masks"][i])
-                    img = metrics.image_metrics(scores[i], r["labels"][i])
-                    vals[w].append(np.array([img["auroc"], pix["auroc"], pix["aupro"]]))
+                    vals[w].append(scored(maps[i], scores[i], r["masks"][i], r["labels"][i]))
         return {w: float(np.mean(v)) for w, v in vals.items()}
 
     labels = {c: by_k[shots[0]]["labels"] for c, by_k in results.items()}
@@ -197,7 +200,6 @@ def speed(root: Path, n_images: int = 16, repeats: int = 2) -> str:
     bank = det.references
     det.set_references(refs, feature="patches")  # the single-forward alternative, for the price of the default
     t_patches = timed()
-    det.set_references(refs)
     return "\n".join([
         f"| image size | {det.config.image_size} px (grid {det.model.grid}x{det.model.grid}) |",
         "|---|---|",
