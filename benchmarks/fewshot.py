@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from visualad import AnomalyDetector, fewshot, metrics  # noqa: E402
 from visualad.data import images as imio  # noqa: E402
 from visualad.data.datasets import load_dataset, load_mask  # noqa: E402
-from visualad.evaluate import _reference_images  # noqa: E402
+from visualad.tasks.evaluate import _reference_images  # noqa: E402
 
 CATEGORIES = {"tire": "mvtec_3d_ad_tire_rgb", "cookie": "lookout_cookies", "hazelnut": "mvtec_ad_reduced",
               "transistor": "mvtec_ad_reduced"}

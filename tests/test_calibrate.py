@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from visualad import AnomalyDetector
-from visualad.calibrate import _percentile_of_top, f1_threshold
+from visualad.tasks.calibrate import _percentile_of_top, f1_threshold
 from visualad.errors import ConfigError
 
 
@@ -19,17 +19,17 @@ def echo_detector(tiny_detector, monkeypatch):
     """The model replaced by a known function: the map is the red channel / 255, so a constant image of value v
     scores exactly v / 255 and its pixels are all v / 255."""
 
-    def forward_images(arrays):
+    def score_arrays(arrays, mode):
         maps = np.stack([a[..., 0].astype(np.float32) / 255.0 for a in arrays])
         return maps, maps.reshape(len(arrays), -1).mean(1)
 
-    monkeypatch.setattr(tiny_detector, "forward_images", forward_images)
+    monkeypatch.setattr(tiny_detector.engine, "score_arrays", score_arrays)
     return tiny_detector
 
 
 def test_normal_only_threshold_is_the_stated_percentile(echo_detector):
     values = np.arange(10, 210)  # 200 normal images with scores 10/255 ... 209/255
-    out = echo_detector.calibrate(_constant_images(values), percentile=99.0)
+    out = echo_detector.calibrate(_constant_images(values), percentile=99.0, mode="head")
     expected = np.percentile(values / 255.0, 99.0)
     assert out["method"] == "percentile"
     assert echo_detector.config.image_threshold == pytest.approx(expected, abs=1e-7)
@@ -88,11 +88,11 @@ def test_thresholds_record_their_dtype_and_warn_once_in_another(tiny_detector, t
     import logging
 
     normals = [np.random.default_rng(i).integers(100, 140, size=(56, 56, 3), dtype=np.uint8) for i in range(4)]
-    tiny_detector.dtype = torch.float32
+    tiny_detector.to("cpu", "fp32")
     tiny_detector.calibrate(normals)
     assert tiny_detector.config.score_stats["dtype"] == "fp32"
     d = tiny_detector.save_pretrained(tmp_path / "cal")
-    with caplog.at_level(logging.WARNING, logger="visualad.detector"):
+    with caplog.at_level(logging.WARNING, logger="visualad.runtime.postprocess"):
         AnomalyDetector.from_pretrained(d, device="cpu", dtype="fp32").predict(normals[:2])
         assert "calibrated in fp32" not in caplog.text
         other = AnomalyDetector.from_pretrained(d, device="cpu", dtype="bf16")

@@ -74,7 +74,7 @@ def test_missing_input_is_an_error_row_not_a_traceback(tiny_model_dir, tmp_path,
 def test_calibrate_then_predict_gives_labels(tiny_model_dir, shared_data, tmp_path, capsys):
     cat = shared_data / "mvtec_ad_reduced/hazelnut"
     code = main(["calibrate", str(cat / "train/good"), "--model", str(tiny_model_dir), "--device", "cpu",
-                 "--out", str(tmp_path / "cal"), "-q"])
+                 "--out", str(tmp_path / "cal"), "-q", "--mode", "head"])
     assert code == 0
     cfg = json.loads((tmp_path / "cal" / "config.json").read_text())
     assert cfg["image_threshold"] is not None and cfg["pixel_threshold"] is not None
@@ -82,7 +82,7 @@ def test_calibrate_then_predict_gives_labels(tiny_model_dir, shared_data, tmp_pa
     assert main(["predict", str(cat / "test"), "--model", str(tmp_path / "cal"), "--device", "cpu",
                  "--out", str(out), "-q"]) == 0
     rows = _rows(out)
-    assert len(rows) == 10 and all(isinstance(r["label"], bool) for r in rows)
+    assert len(rows) == 10 and all(isinstance(r["label"], bool) and r["mode"] == "head" for r in rows)
     assert all(r["threshold"] == cfg["image_threshold"] for r in rows)
 
 

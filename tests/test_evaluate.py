@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from visualad.evaluate import format_table
+from visualad.tasks.evaluate import format_table
 
 ROW_KEYS = {"n_images", "n_anomalous", "image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
             "pixel_f1_max", "pixel_aupro"}

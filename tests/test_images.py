@@ -21,10 +21,10 @@ from conftest import require
 from PIL import Image, ImageOps
 
 import visualad.settings as vsettings
+from visualad.data.files import iter_image_files
 from visualad.data.images import (
     LoadedImage,
     expand_inputs,
-    iter_image_files,
     load_image,
     resize_map,
     resize_to_square,

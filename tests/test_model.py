@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TINY_CLIP, TINY_TIMM
 
+from visualad.modes.head import HeadMode
 from visualad import AnomalyDetector
 from visualad.config import VisualADConfig, default_layers
 from visualad.errors import ConfigError, WeightsError
@@ -168,7 +169,7 @@ def test_blur_and_upsample_stay_float32_inside_bf16_autocast():
 
 @pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_dtype_is_bf16_only_on_cuda_and_cpus_with_native_bf16(monkeypatch, native, expected):
-    import visualad.detector as D
+    import visualad.runtime.precision as D
 
     monkeypatch.setattr(D, "cpu_has_native_bf16", lambda: native)
     assert D.resolve_dtype("auto", torch.device("cpu")) == expected
@@ -180,7 +181,7 @@ def test_auto_dtype_is_bf16_only_on_cuda_and_cpus_with_native_bf16(monkeypatch, 
 
 
 def test_cpu_bf16_flag_is_read_from_cpuinfo(tmp_path):
-    import visualad.detector as D
+    import visualad.runtime.precision as D
 
     for flags, expected in (("fpu sse avx512f avx512_bf16", True), ("fpu sse amx_bf16 amx_tile", True),
                             ("fpu sse avx512f", False)):
@@ -270,9 +271,9 @@ def test_compile_opt_in_gives_the_eager_maps():
     det = AnomalyDetector.from_backbone(device="cpu", dtype="fp32", pretrained_backbone=False, image_size=56,
                                         **TINY_TIMM)
     x = [np.random.default_rng(i).integers(0, 256, (56, 56, 3), dtype=np.uint8) for i in range(2)]
-    eager_maps, eager_scores = det.forward_images(x)
+    eager_maps, eager_scores = det.engine.score_arrays(x, HeadMode())
     assert det.compile() is det
-    maps, scores = det.forward_images(x)
+    maps, scores = det.engine.score_arrays(x, HeadMode())
     assert hasattr(det.model, "_compiled_call_impl") and det.model._compiled_call_impl is not None
     np.testing.assert_allclose(maps, eager_maps, atol=1e-5, rtol=0)
     np.testing.assert_allclose(scores, eager_scores, atol=1e-5, rtol=0)
@@ -280,8 +281,8 @@ def test_compile_opt_in_gives_the_eager_maps():
     with torch.no_grad():
         for _, p in det.model.head_parameters():
             p.add_(0.05)
-    edited, _ = det.forward_images(x)
+    edited, _ = det.engine.score_arrays(x, HeadMode())
     det.model._compiled_call_impl = None
-    eager_edited, _ = det.forward_images(x)
+    eager_edited, _ = det.engine.score_arrays(x, HeadMode())
     assert np.abs(edited - maps).max() > 1e-3
     np.testing.assert_allclose(edited, eager_edited, atol=1e-5, rtol=0)

@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_CLIP
 from reference_visualad import reference_predict
 
+from visualad.modes.head import HeadMode
 from visualad import AnomalyDetector
 from visualad.errors import OfflineError, WeightsError
 from visualad.weights.official import (
@@ -153,7 +154,7 @@ def test_parity_through_forward_images_at_the_model_input(tiny_setup):
     """The uint8 path: the detector's own normalisation, then the same numbers as the reference."""
     det = AnomalyDetector.from_pretrained(tiny_setup["dir"], device="cpu", dtype="fp32")
     arrays = [np.random.default_rng(i).integers(0, 256, (CKPT_SIZE, CKPT_SIZE, 3), dtype=np.uint8) for i in (0, 1)]
-    maps, scores = det.forward_images(arrays)
+    maps, scores = det.engine.score_arrays(arrays, HeadMode())
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(det.model.backbone.mean).view(1, 3, 1, 1)
     std = torch.tensor(det.model.backbone.std).view(1, 3, 1, 1)

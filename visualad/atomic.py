@@ -6,9 +6,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Iterator
 
-PathLike = Union[str, "os.PathLike[str]"]
+from .types import PathLike
 
 
 def _read_umask() -> int:

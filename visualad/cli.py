@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
-from . import __version__
+from ._version import __version__
 from .errors import VisualADError
 
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 2
@@ -23,6 +23,28 @@ def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = None) -
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute precision (default: bf16 on CUDA and on CPUs with native bf16, else fp32)")
     p.add_argument("--image-size", type=int, default=None, help="override the model's input size (px)")
+
+
+MODES = ("auto", "head", "references", "batch")  # visualad.modes.MODES, without importing torch
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _mode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="auto", choices=MODES,
+                   help="way of scoring: head (the trained tokens), references (nearest patches of normal "
+                        "images), batch (the images given together scored against each other); auto (default): "
+                        "references when given, else batch for 16+ images, else head")
+    p.add_argument("--compare-with", type=_positive_int, default=64, metavar="N",
+                   help="batch mode: each image is compared with at most N others (default: 64)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -48,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="JSONL output file (default: standard output)")
     p.add_argument("--overlays", type=Path, default=None,
                    help="folder for heat-map overlays (PNG, original size; mirrors the input folders)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--threshold", type=float, default=None, help="image threshold overriding the calibrated one")
     p.add_argument("--references", type=Path, default=None,
-                   help="folder of normal reference images of the same product (few-shot mode)")
+                   help="folder of normal reference images of the same product (references mode)")
+    _mode_args(p)
     _common(p)
 
     p = sub.add_parser("eval", help="evaluate on a labelled dataset; per-class and mean metrics",
@@ -62,13 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     p.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa", "meta", "folder"])
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--at-original-resolution", action="store_true",
                    help="score maps at each image's own size instead of the model's input size")
     p.add_argument("--aupro-variant", default="mvtec", choices=["mvtec", "zsad"],
                    help="mvtec: the MVTec definition (default); zsad: the papers' 200-threshold variant")
     p.add_argument("--shots", type=int, default=0,
-                   help="few-shot: K normal reference images per category from its train/good (fixed seed)")
+                   help="references mode: K normal reference images per category from its train/good (fixed seed)")
+    _mode_args(p)
     _common(p)
 
     p = sub.add_parser("finetune", help="train the tokens, SCA and SAF on an auxiliary dataset",
@@ -100,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anomalous", type=Path, default=None, help="folder of anomalous images (enables F1 mode)")
     p.add_argument("--percentile", type=float, default=None, help="percentile of normal scores (default 99.5)")
     p.add_argument("--references", type=Path, default=None,
-                   help="also store these normal reference images in the model (few-shot mode)")
-    p.add_argument("--batch-size", type=int, default=8)
+                   help="also store these normal reference images in the model (references mode)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    _mode_args(p)
     _common(p)
 
     p = sub.add_parser("convert-official", help="convert the authors' .pth checkpoint into a model directory",
@@ -133,7 +158,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def expand_paths(patterns: Sequence[str]) -> Iterator[tuple]:
     """(file, base folder or None) for files, folders (recursive) and globs, in the order given."""
-    from .data.images import iter_image_files
+    from .data.files import iter_image_files
 
     for pattern in patterns:
         matches: List[str] = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern, recursive=True))
@@ -155,19 +180,37 @@ def _load_detector(args: argparse.Namespace):
                                            image_size=args.image_size)
 
 
+def _references(det, folder: Optional[Path]) -> None:
+    if folder is None:
+        return
+    refs = [f for f, _ in expand_paths([str(folder)])]
+    if not refs:
+        raise VisualADError(f"no images found under {folder}", folder)
+    det.set_references(refs)
+
+
+def _announce_mode(command: str, scorer, n: int) -> None:
+    why = {"references": "normal reference images are set", "head": "the trained head",
+           "batch": f"{n} images scored against each other"}[scorer.name]
+    print(f"visualad {command}: {scorer.name} mode ({why})", file=sys.stderr)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .atomic import atomic_open
 
     det = _load_detector(args)
-    if args.references is not None:
-        det.set_references([f for f, _ in expand_paths([str(args.references)])])
+    _references(det, args.references)
     inputs = list(expand_paths(args.paths))
     files = [f for f, _ in inputs]
+    if not files:
+        raise VisualADError("no images found under " + ", ".join(args.paths))
+    scorer = det.scoring_mode(args.mode, len(files), compare_with=args.compare_with)
+    _announce_mode("predict", scorer, len(files))
     failed = 0
     out_ctx = atomic_open(args.out, "w") if args.out else _Stdout()
     with out_ctx as fh:
         results = det.predict_iter(files, batch_size=args.batch_size, threshold=args.threshold, on_error="return",
-                                   keep_image=args.overlays is not None, progress=not args.quiet)
+                                   keep_image=args.overlays is not None, progress=not args.quiet, mode=scorer)
         for (path, base), res in zip(inputs, results):
             if res.image_path is None:
                 res.image_path = str(path)
@@ -201,12 +244,13 @@ class _Stdout:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import format_table
+    from .tasks.evaluate import format_table
 
     det = _load_detector(args)
     report = det.evaluate(args.root, out=args.out, format=args.format, batch_size=args.batch_size,
                           at_original_resolution=args.at_original_resolution, aupro_variant=args.aupro_variant,
-                          shots=args.shots, progress=not args.quiet)
+                          shots=args.shots, progress=not args.quiet, mode=args.mode,
+                          compare_with=args.compare_with)
     print(format_table(report))
     if args.out:
         print(f"report written to {args.out}")
@@ -232,15 +276,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .data.images import iter_image_files
+    from .data.files import iter_image_files
 
     det = _load_detector(args)
     normals = list(iter_image_files(args.normal_dir))
+    if not normals:
+        raise VisualADError(f"no images found under {args.normal_dir}", args.normal_dir)
     anomalous = list(iter_image_files(args.anomalous)) if args.anomalous else None
-    if args.references is not None:
-        det.set_references(list(iter_image_files(args.references)))
+    _references(det, args.references)
     kwargs = {} if args.percentile is None else {"percentile": args.percentile}
-    det.calibrate(normals, anomalous, batch_size=args.batch_size, progress=not args.quiet, **kwargs)
+    _announce_mode("calibrate", det.scoring_mode(args.mode, len(normals)), len(normals))
+    det.calibrate(normals, anomalous, batch_size=args.batch_size, progress=not args.quiet, mode=args.mode,
+                  compare_with=args.compare_with, **kwargs)
     det.save_pretrained(args.out)
     cfg = det.config
     print(f"image threshold {cfg.image_threshold:.6g}, pixel threshold {cfg.pixel_threshold:.6g}; "

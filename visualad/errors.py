@@ -5,9 +5,9 @@ They carry the offending path (when there is one) so that batch jobs can report 
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Optional
 
-PathLike = Union[str, "os.PathLike[str]"]
+from .types import PathLike
 
 
 class VisualADError(Exception):

@@ -25,9 +25,17 @@ class AnomalyResult:
     normalized_score: Optional[float] = None
     threshold: Optional[float] = None
     error: Optional[str] = None
+    mode: Optional[str] = None  # the way of scoring that produced it: "head", "references" or "batch"
     image: Optional[np.ndarray] = field(default=None, repr=False)  # the RGB uint8 input, for overlays
     map_range: Optional[Tuple[float, float]] = field(default=None, repr=False)  # calibrated colour scale
     pixel_threshold: Optional[float] = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        shape = "x".join(str(v) for v in self.anomaly_map.shape) if self.anomaly_map is not None else None
+        score = None if self.pred_score is None or math.isnan(self.pred_score) else round(float(self.pred_score), 6)
+        err = f", error={self.error!r}" if self.error else ""
+        return (f"AnomalyResult(score={score}, label={self.pred_label}, mode={self.mode!r}, map={shape}, "
+                f"path={self.image_path!r}{err})")
 
     @property
     def ok(self) -> bool:
@@ -49,6 +57,7 @@ class AnomalyResult:
             "label": None if self.pred_label is None else bool(self.pred_label),
             "normalized_score": self.normalized_score,
             "threshold": self.threshold,
+            "mode": self.mode,
             "error": self.error,
         }
         if self.anomaly_map is not None:

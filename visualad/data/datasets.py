@@ -46,7 +46,7 @@ Accepted layouts (``format=``):
     ``meta.json`` -> meta; ``split_csv/1cls.csv`` -> visa; ``test/``/``train/`` at the root, one or two
     levels down -> mvtec; ``good/`` or ``masks/`` at the root or one level down -> folder.
 
-Common rules: image extensions .png .jpg .jpeg .bmp .tif .tiff .webp (any case); hidden files and
+Common rules: image extensions of ``settings.IMAGE_EXTENSIONS`` (any case, :mod:`visualad.data.files`); hidden files and
 folders are skipped; every listing is sorted, so the sample order is deterministic; walking never
 follows a symlink into a directory it has already visited (no symlink loops). Classes always come
 from the data, never from a table.
@@ -59,20 +59,31 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 import numpy as np
 
 from visualad.errors import DatasetError
 
+from ..types import PathLike
+from .files import is_image_name, iter_image_files
+from .masks import read_mask, resize_mask
+
 if TYPE_CHECKING:
-    from PIL import Image as PILImage
+    pass
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 NORMAL_DIR_NAMES = ("good", "ok")  # "ok" is BTAD's name for normal images
 FORMATS = ("auto", "mvtec", "visa", "meta", "folder")
 SPLITS = ("test", "train")
@@ -210,8 +221,6 @@ def load_mask(
     bilinear (what torchvision's ``Resize`` does on a PIL mask) and thresholded at ``> 127``
     (their ``ToTensor() > 0.5``). ``mask_path is None`` gives all zeros.
     """
-    from PIL import Image  # lazy: listing a dataset needs no imaging library
-
     if size is not None:
         size = _check_hw(size, "size")
     if image_size is not None:
@@ -222,23 +231,8 @@ def load_mask(
         return np.zeros(shape, dtype=bool)
 
     img_hw = image_size or _image_hw(sample.image_path)
-    try:
-        with Image.open(sample.mask_path) as im:
-            im.load()
-            mask = _binarise(im)
-    except (OSError, ValueError) as exc:  # PIL raises OSError/UnidentifiedImageError, ValueError
-        raise DatasetError(f"cannot read mask: {exc}", sample.mask_path) from exc
-    if mask.shape != img_hw:
-        raise DatasetError(
-            f"mask {sample.mask_path} is {mask.shape[0]}x{mask.shape[1]} (HxW) but image "
-            f"{sample.image_path} is {img_hw[0]}x{img_hw[1]}",
-            sample.mask_path,
-        )
-    if size is None or size == mask.shape:
-        return mask
-    im255 = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-    resized = im255.resize((size[1], size[0]), resample=Image.BILINEAR)
-    return np.asarray(resized) > 127
+    mask = read_mask(sample.mask_path, img_hw, image=str(sample.image_path))
+    return mask if size is None else resize_mask(mask, size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,10 +241,6 @@ def load_mask(
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
-
-
-def _is_image(name: str) -> bool:
-    return not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _list(directory: Path) -> Tuple[List[Path], List[Path]]:
@@ -281,30 +271,7 @@ def _subdirs(directory: Path) -> List[Path]:
 
 
 def _images(directory: Path) -> List[Path]:
-    return [p for p in _list(directory)[1] if _is_image(p.name)]
-
-
-def _walk_images(top: Path, max_depth: int = 8) -> Iterable[Path]:
-    """Images under ``top`` (sorted, depth-first), visiting each real directory once so that a
-    symlink pointing back up cannot loop."""
-    seen: Set[str] = set()
-
-    def walk(d: Path, depth: int) -> Iterable[Path]:
-        try:
-            real = os.path.realpath(d)
-        except OSError:
-            return
-        if real in seen or depth > max_depth:
-            return
-        seen.add(real)
-        dirs, files = _list(d)
-        for f in files:
-            if _is_image(f.name):
-                yield f
-        for sub in dirs:
-            yield from walk(sub, depth + 1)
-
-    yield from walk(top, 0)
+    return [p for p in _list(directory)[1] if is_image_name(p.name)]
 
 
 def _stem_of_mask(name: str) -> str:
@@ -579,7 +546,7 @@ def _read_folder_category(folder: Path, split: str, notes: List[str]) -> List[Sa
     if split == "train":
         return samples
     masks_dir = folder / "masks"
-    all_masks = list(_walk_images(masks_dir)) if masks_dir.is_dir() else []
+    all_masks = list(iter_image_files(masks_dir)) if masks_dir.is_dir() else []
     loose = [p.name for p in _images(folder)]
     if loose:
         notes.append(f"{name}: {len(loose)} image(s) directly in {folder} ignored (put them in good/ or <defect>/)")
@@ -673,18 +640,3 @@ def _image_hw(path: Path) -> Tuple[int, int]:
     except (OSError, ValueError) as exc:
         raise DatasetError(f"cannot read image size: {exc}", path) from exc
     return h, w
-
-
-def _binarise(im: "PILImage.Image") -> np.ndarray:
-    """``> 0`` on any mask encoding: mode "1" (bool), grey, 16-bit, palette and colour masks."""
-    mode = im.mode
-    if mode == "P":
-        im = im.convert("RGB")
-        mode = "RGB"
-    arr = np.asarray(im)
-    if arr.ndim == 3:
-        channels = 1 if mode in ("LA", "La") else 3  # ignore alpha
-        arr = arr[..., :channels].max(axis=-1)
-    if arr.ndim != 2:
-        raise ValueError(f"unsupported mask shape {arr.shape}")
-    return arr > 0

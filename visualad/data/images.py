@@ -17,8 +17,7 @@ import threading
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,9 +25,10 @@ from PIL import Image, UnidentifiedImageError
 from visualad import settings
 from visualad.errors import ImageTooLargeError, InvalidImageError
 
+from ..types import PathLike
+
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 #: Anything :func:`load_image` accepts (a torch tensor is accepted too; torch is imported lazily).
 ImageSource = Union[PathLike, Image.Image, np.ndarray, Any]
 
@@ -190,50 +190,6 @@ def expand_inputs(inputs: Any) -> List[Any]:
         else:
             out.append(item)
     return out
-
-
-def iter_image_files(folder: PathLike, recursive: bool = True) -> Iterator[Path]:
-    """Yield the image files under ``folder`` in sorted (depth-first, by name) order.
-
-    Files are matched by extension (``settings.IMAGE_EXTENSIONS``, case-insensitive); names
-    starting with "." are skipped. Symlinked directories are followed, but each real directory
-    is walked at most once, so symlink loops terminate.
-    """
-    root = Path(folder)
-    if not root.exists():
-        raise InvalidImageError("folder not found", path=os.fspath(root))
-    if not root.is_dir():
-        raise InvalidImageError("not a folder", path=os.fspath(root))
-    extensions = {e.lower() for e in settings.IMAGE_EXTENSIONS}
-    visited: Set[str] = set()
-
-    def walk(directory: Path) -> Iterator[Path]:
-        real = os.path.realpath(directory)
-        if real in visited:
-            logger.debug("skipping %s: already visited (symlink loop or duplicate)", directory)
-            return
-        visited.add(real)
-        try:
-            with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            logger.warning("cannot list folder %s: %s", directory, e)
-            return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                is_dir = entry.is_dir(follow_symlinks=True)
-                is_file = not is_dir and entry.is_file(follow_symlinks=True)
-            except OSError:
-                continue
-            if is_dir:
-                if recursive:
-                    yield from walk(Path(entry.path))
-            elif is_file and os.path.splitext(entry.name)[1].lower() in extensions:
-                yield Path(entry.path)
-
-    return walk(root)
 
 
 def resize_to_square(array: np.ndarray, size: int) -> np.ndarray:

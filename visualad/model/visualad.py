@@ -51,6 +51,10 @@ class VisualAD(nn.Module):
         })
         self.saf = nn.ModuleDict({f"layer_{l}": SAF(d, hidden, config.saf_dropout) for l in config.layers})
         self.grid = config.image_size // backbone.patch_size
+        # the backbone's input normalisation, as buffers so that .to() moves them (not saved: they are the
+        # backbone's constants, not trained)
+        self.register_buffer("pixel_mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def backbone(self) -> Backbone:

@@ -35,7 +35,18 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 import torch
@@ -45,15 +56,16 @@ from ..data import images as imio
 from ..data.datasets import Sample, load_dataset, load_mask
 from ..errors import ConfigError, DatasetError, WeightsError
 from ..progress import progress_bar
+from ..types import PathLike
 from . import synth
 from .losses import visualad_loss
 
 if TYPE_CHECKING:
-    from ..detector import AnomalyDetector
+    from ..modes.references import ReferenceBank
+    from ..runtime.engine import Engine
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -420,24 +432,24 @@ def _backbone_checksum(model: torch.nn.Module) -> float:
 # the loop
 
 
-def finetune(detector: "AnomalyDetector", aux: PathLike, out_dir: Optional[PathLike] = None, resume: bool = False,
+def finetune(engine: "Engine", aux: PathLike, out_dir: Optional[PathLike] = None, resume: bool = False,
              seed: Optional[int] = 111, progress: bool = True, device: Optional[Union[str, torch.device]] = None,
              on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
-             **overrides: Any) -> Dict[str, Any]:
-    """Train the detector's head on the auxiliary dataset ``aux``; returns the training report.
+             references: Optional["ReferenceBank"] = None, **overrides: Any) -> Dict[str, Any]:
+    """Train the engine's head on the auxiliary dataset ``aux``; returns the training report.
 
     ``overrides`` are :class:`TrainConfig` fields (plus ``lr``, the token learning rate). With ``out_dir``
     a checkpoint is written after every epoch, and at the end the model (``save_pretrained``) and
     ``training_report.json``. ``resume=True`` continues from ``out_dir/checkpoint`` to the same result as
     an uninterrupted run; the checkpoint's config is used, and an explicitly given option that changes what
     is computed (not e.g. ``num_workers``) is an error. ``on_epoch_end(epoch, stats)`` runs after each
-    epoch's checkpoint (1-based epoch).
+    epoch's checkpoint (1-based epoch). ``references`` are saved with the model (they do not train).
     """
     t_start = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
     if device is not None:
-        detector.to(device)
-    model = detector.model
+        engine.to(device)
+    model = engine.model
     ckpt_dir = out / CHECKPOINT_DIR if out is not None else None
     given = dict(overrides, **({} if seed is None else {"seed": seed}))
 
@@ -464,7 +476,7 @@ def finetune(detector: "AnomalyDetector", aux: PathLike, out_dir: Optional[PathL
             logger.warning("%s holds a checkpoint of an earlier run; it will be overwritten (resume=True "
                            "continues it instead)", ckpt_dir)
 
-    dev = detector.device
+    dev = engine.device
     amp_dtype = _amp_dtype(config.amp, dev)
     data = TrainingSet(aux, model.config.image_size, config)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
@@ -488,14 +500,14 @@ def finetune(detector: "AnomalyDetector", aux: PathLike, out_dir: Optional[PathL
                 data.root, len(data), data.stats["n_anomalous"], config.epochs, steps_per_epoch,
                 config.batch_size, dev, amp_dtype or "off")
     run_start = time.perf_counter()
-    with _training_context(detector, config), contextlib.closing(bar):
+    with _training_context(engine, config), contextlib.closing(bar):
         for epoch in range(start_epoch, config.epochs):
             _seed_epoch(config.seed, epoch, dev)
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             sums = dict.fromkeys(LOSS_KEYS, 0.0)
             n_ok, t_epoch = 0, time.perf_counter()
             for batch in data.batches(epoch, config.batch_size, config.num_workers):
-                images = detector._to_batch(list(batch.images))
+                images = engine.to_batch(list(batch.images))
                 masks = torch.from_numpy(batch.masks).to(dev, non_blocking=True)
                 labels = torch.from_numpy(batch.labels).to(dev)
                 has_mask = torch.from_numpy(batch.has_mask).to(dev)
@@ -528,7 +540,7 @@ def finetune(detector: "AnomalyDetector", aux: PathLike, out_dir: Optional[PathL
     seconds = seconds_before + time.perf_counter() - run_start
 
     training_data = dict(data.stats, epochs=config.epochs, seed=config.seed)
-    detector.config.metadata["training_data"] = training_data
+    model.config.metadata["training_data"] = training_data
     report = {
         "data": data.stats, "epochs": config.epochs, "steps": steps_per_epoch * config.epochs,
         "steps_per_epoch": steps_per_epoch, "skipped_steps": skipped, "seed": config.seed,
@@ -536,12 +548,14 @@ def finetune(detector: "AnomalyDetector", aux: PathLike, out_dir: Optional[PathL
         "seconds": round(seconds, 3), "seconds_this_run": round(time.perf_counter() - t_start, 3),
         "resumed_from_epoch": start_epoch if saved is not None else None,
         "device": str(dev), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-        "model": {"backbone": detector.config.backbone, "image_size": detector.config.image_size,
-                  "layers": list(detector.config.layers or ())},
+        "model": {"backbone": model.config.backbone, "image_size": model.config.image_size,
+                  "layers": list(model.config.layers or ())},
         "train_config": config.to_dict(),
     }
     if out is not None:
-        detector.save_pretrained(out)
+        from ..store import save_model
+
+        save_model(out, model, references)
         atomic_write_json(out / REPORT_FILE, _json_safe(report))
         if not config.keep_checkpoint and ckpt_dir is not None and ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)
@@ -565,16 +579,16 @@ def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 @contextlib.contextmanager
-def _training_context(detector: "AnomalyDetector", config: TrainConfig) -> Iterator[None]:
+def _training_context(engine: "Engine", config: TrainConfig) -> Iterator[None]:
     """Train mode, gradient checkpointing and deterministic mode for the run; the caller's RNG, settings
     and eval mode come back afterwards, even on an exception or interruption.
 
-    A detector compiled for inference (:meth:`AnomalyDetector.compile`) trains eagerly: its graph was built
+    A model compiled for inference (:meth:`AnomalyDetector.compile`) trains eagerly: its graph was built
     for eval mode without gradients, and CPU weight freezing is inference-only. The compiled call comes back
     afterwards and sees the trained weights."""
-    model = detector.model
+    model = engine.model
     compiled = getattr(model, "_compiled_call_impl", None)
-    dev = detector.device
+    dev = engine.device
     cuda_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     old_ckpt = model.encoder.gradient_checkpointing
     old_det = torch.are_deterministic_algorithms_enabled()

@@ -27,11 +27,11 @@ from typing import IO, Any, Iterable, Mapping, Optional, Sequence, Union
 
 from ..errors import OfflineError, WeightsError
 from ..paths import cache_dir as visualad_cache_dir
+from ..types import PathLike
 from .safe import LFS_POINTER_PREFIX, is_lfs_pointer
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 _CHUNK = 1 << 20
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")

@@ -25,18 +25,18 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from ..atomic import atomic_write_bytes
 from ..errors import OfflineError, WeightsError
 from ..paths import cache_dir
+from ..types import PathLike
 from .hub import sha256_file
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 IMGFOCUS_TIMM_NAME = "vit_small_patch14_dinov2"
 IMGFOCUS_IMG_SIZE = 518

@@ -12,22 +12,20 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from ..atomic import staging_dir
 from ..errors import WeightsError
+from ..layout import BACKBONE_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME
+from ..types import PathLike
 from .hub import sha256_file
 from .safe import is_lfs_pointer, load_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-BACKBONE_WEIGHTS_NAME = "backbone.safetensors"
 
 LICENSE_NOTE = (
     "converted from the authors' checkpoint (github.com/7HHHHH/VisualAD); that repository has no LICENSE file "
@@ -251,8 +249,9 @@ def convert_official(checkpoint: PathLike, out_dir: PathLike, backbone: str = "c
     instance ``backbone_kwargs``, ``image_size`` or ``metadata``); ``layers`` must agree with it.
     The directory appears complete or not at all (built aside, then renamed).
     """
-    from .. import __version__
-    from ..detector import AnomalyDetector
+    from .._version import __version__
+    from ..config import VisualADConfig
+    from ..store import build_model, save_model
 
     checkpoint = Path(checkpoint)
     out_dir = Path(out_dir)
@@ -287,17 +286,16 @@ def convert_official(checkpoint: PathLike, out_dir: PathLike, backbone: str = "c
         **extra_meta,
     }
 
-    det = AnomalyDetector.from_backbone(backbone, device="cpu", dtype="fp32", pretrained_backbone=False,
-                                        **overrides)
-    det.model.load_head_state_dict(state, source=str(checkpoint))
+    model = build_model(VisualADConfig(backbone=backbone, backbone_pretrained=False, **overrides), seed=111)
+    model.load_head_state_dict(state, source=str(checkpoint))
     # The head runs on the pretrained backbone: the directory must never carry the random weights it was
     # built with, only the real ones when given (otherwise they are fetched from their pin at load time).
-    det.model.config = dataclasses.replace(det.model.config, backbone_pretrained=True)
+    model.config = dataclasses.replace(model.config, backbone_pretrained=True)
     backbone_state = None
     if backbone_weights is not None:
         sd = load_safetensors(backbone_weights)
-        det.model.backbone.load_weights(sd)  # strict: names and shapes must match the built backbone
-        backbone_state = _library_state_dict(det.model.backbone)
+        model.backbone.load_weights(sd)  # strict: names and shapes must match the built backbone
+        backbone_state = _library_state_dict(model.backbone)
         del sd
 
     tmp = staging_dir(out_dir)
@@ -305,7 +303,7 @@ def convert_official(checkpoint: PathLike, out_dir: PathLike, backbone: str = "c
         if backbone_state is not None:
             save_safetensors(backbone_state, tmp / BACKBONE_WEIGHTS_NAME,
                              metadata={"format": "pt", "backbone": backbone})
-        det.save_pretrained(tmp)
+        save_model(tmp, model)
         _publish(tmp, out_dir, replace_backbone=backbone_state is not None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,16 +6,16 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 from ..errors import UnknownModelError, WeightsError
+from ..layout import MODEL_FILES, WEIGHTS_NAME
+from ..types import PathLike
 from .manifest import load_manifest
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 _REPO = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
-MODEL_FILES = ["config.json", "model.safetensors", "README.md", "references.safetensors", "backbone.safetensors"]
 
 
 def resolve_model_dir(name_or_path: Optional[PathLike], *, revision: Optional[str] = None,
@@ -46,7 +46,7 @@ def _from_entry(entry: Dict[str, Any], revision: Optional[str], cache_dir: Optio
         raise WeightsError(entry.get("message") or f"model {name!r} has no published head yet")
     if kind == "package":
         path = Path(str(resources.files("visualad").joinpath(head["path"])))
-        if not (path / "model.safetensors").is_file():
+        if not (path / WEIGHTS_NAME).is_file():
             raise WeightsError(f"model {name!r} should ship inside the package at {path}, but it is missing; "
                                "reinstall visualad", path)
         return path

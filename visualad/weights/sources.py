@@ -10,13 +10,12 @@ from typing import Dict, Optional, Union
 import torch
 
 from ..errors import WeightsError
+from ..layout import BACKBONE_WEIGHTS_NAME
 from ..model.backbones import parse_backbone
 from .manifest import load_manifest
 from .safe import load_safetensors
 
 logger = logging.getLogger(__name__)
-
-BACKBONE_WEIGHTS_NAME = "backbone.safetensors"
 
 
 def backbone_state_dict(name: str, *, model_dir: Optional[Path] = None, pretrained: bool = True,

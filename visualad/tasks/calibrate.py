@@ -6,22 +6,27 @@
 - ``"f1"`` (normal and anomalous images): the image threshold maximising F1 on the given images, and the
   pixel threshold maximising pixel F1 when masks are given (else the normal-pixel percentile).
 
-A score is anomalous when it is ``>= threshold``. The statistics that ``normalized_score`` and the
-calibrated overlay scale need are stored in the config with the thresholds, so save_pretrained keeps them.
+A score is anomalous when it is ``>= threshold``. Thresholds hold for one mode: they record it (and, for
+references, the bank's fingerprint). In references mode a normal image that is itself a reference is scored
+against the other references only (leave-one-out): otherwise its nearest patch would be itself. In batch mode
+the normal images are scored as one set. Each image runs through the model once.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .detector import dtype_name
-from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .detector import AnomalyDetector
+from ..config import VisualADConfig
+from ..data.masks import read_mask, resize_mask
+from ..errors import ConfigError
+from ..modes.references import ReferencesMode, image_digest
+from ..progress import progress_bar
+from ..runtime.engine import Engine
+from ..runtime.precision import dtype_name
+from ..runtime.readahead import Loaded
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +34,32 @@ DEFAULT_PERCENTILE = 99.5
 DEFAULT_PIXEL_PERCENTILE = 99.9
 
 
-def calibrate(detector: "AnomalyDetector", normal_images: Sequence[Any], anomalous_images: Optional[Sequence[Any]] = None,
-              masks: Optional[Sequence[Any]] = None, method: str = "auto", percentile: float = DEFAULT_PERCENTILE,
+def scored(engine: Engine, items: Sequence[Any], mode: Any, batch_size: int,
+           progress: bool = False) -> Iterator[Tuple[Loaded, np.ndarray, float]]:
+    """(input, model-size map, score) of each item; references that are in the bank are left out of it."""
+    bar = progress_bar(len(items), progress, unit="img", desc="calibrate")
+    if isinstance(mode, ReferencesMode) and mode.bank.digests:
+        index = {d: i for i, d in enumerate(mode.bank.digests)}
+        for chunk in engine.read(items, batch_size, on_error="raise"):
+            for x in chunk:
+                own = index.get(image_digest(x.square))
+                m, s = engine.score_arrays([x.square], ReferencesMode(mode.bank, exclude=own))
+                x.square = None
+                bar.update(1)
+                yield x, m[0], float(s[0])
+    else:
+        for x, m, s in engine.run(items, mode, batch_size, on_error="raise"):
+            bar.update(1)
+            yield x, m, s
+    bar.close()
+
+
+def calibrate(engine: Engine, mode: Any, config: VisualADConfig, normal_images: Sequence[Any],
+              anomalous_images: Optional[Sequence[Any]] = None, masks: Optional[Sequence[Any]] = None,
+              method: str = "auto", percentile: float = DEFAULT_PERCENTILE,
               pixel_percentile: float = DEFAULT_PIXEL_PERCENTILE, batch_size: int = 8,
               progress: bool = False) -> Dict[str, Any]:
-    """Set ``detector.config`` thresholds and score statistics; returns them."""
+    """Set ``config``'s thresholds and score statistics for ``mode``; returns them."""
     if method == "auto":
         method = "f1" if anomalous_images else "percentile"
     if method not in ("percentile", "f1"):
@@ -47,21 +73,23 @@ def calibrate(detector: "AnomalyDetector", normal_images: Sequence[Any], anomalo
     if not (50.0 <= percentile <= 100.0 and 50.0 <= pixel_percentile <= 100.0):
         raise ConfigError("percentiles must lie in [50, 100]")
 
-    normal_scores: List[float] = []
-    medians: List[float] = []
-    size = detector.config.image_size
+    size = engine.image_size
     total = len(normal_images) * size * size
     # The pixel percentile needs only the global top (100 - p)% of normal pixels: keep a running top-k.
     keep = min(total, math.ceil((100.0 - pixel_percentile) / 100.0 * total) + 2)
     top = np.empty(0, dtype=np.float32)
-    for res in detector.predict_iter(list(normal_images), batch_size=batch_size, on_error="raise",
-                                     progress=progress, at_model_size=True):
-        normal_scores.append(res.pred_score)
-        flat = res.anomaly_map.ravel()
+    normal_scores: List[float] = []
+    medians: List[float] = []
+    normal_maps: List[np.ndarray] = []  # only for the pixel F1 with masks
+    for _x, amap, score in scored(engine, list(normal_images), mode, batch_size, progress):
+        normal_scores.append(score)
+        flat = amap.ravel()
         top = np.concatenate([top, flat])
         if top.size > keep:
             top = np.partition(top, top.size - keep)[-keep:]
         medians.append(float(np.median(flat)))
+        if masks is not None:
+            normal_maps.append(flat)
     scores = np.asarray(normal_scores, dtype=np.float64)
     image_thr = float(np.percentile(scores, percentile))
     pixel_thr = _percentile_of_top(top, total, pixel_percentile)
@@ -69,27 +97,37 @@ def calibrate(detector: "AnomalyDetector", normal_images: Sequence[Any], anomalo
 
     if method == "f1":
         anomalous = list(anomalous_images)
-        anom_results = list(detector.predict_iter(anomalous, batch_size=batch_size, on_error="raise",
-                                                  progress=progress, at_model_size=masks is not None))
-        scores = np.concatenate([scores, [r.pred_score for r in anom_results]])
-        labels = np.concatenate([labels, np.ones(len(anom_results), dtype=np.int8)])
+        maps, gts = list(normal_maps), [np.zeros(m.size, dtype=bool) for m in normal_maps]
+        anom_scores = []
+        for i, (x, amap, score) in enumerate(scored(engine, anomalous, mode, batch_size, progress)):
+            anom_scores.append(score)
+            if masks is not None:
+                m = read_mask(masks[i], (x.height, x.width), image=x.path)
+                maps.append(amap.ravel())
+                gts.append(resize_mask(m, (size, size)).ravel())
+        scores = np.concatenate([scores, anom_scores])
+        labels = np.concatenate([labels, np.ones(len(anom_scores), dtype=np.int8)])
         image_thr = f1_threshold(scores, labels)
         if masks is not None:
-            pixel_thr = _pixel_f1_threshold(detector, normal_images, anom_results, masks, batch_size)
+            pixel_thr = f1_threshold(np.concatenate(maps), np.concatenate(gts).astype(np.int8))
 
     mid = float(np.median(medians))
+    describe = mode.describe()
     stats = {
         "method": method, "n_normal": int((labels == 0).sum()), "n_anomalous": int(labels.sum()),
         "min": float(scores.min()), "max": float(scores.max()),
         "normal_mean": float(scores[labels == 0].mean()), "normal_std": float(scores[labels == 0].std()),
         "percentile": percentile, "pixel_percentile": pixel_percentile,
-        "dtype": dtype_name(detector.dtype),  # thresholds hold for this precision (bf16 moves scores ~0.01)
+        "dtype": dtype_name(engine.dtype),  # thresholds hold for this precision (bf16 moves scores ~0.01)
+        "mode": describe["mode"],
         # overlay colour scale: the typical normal pixel at the bottom, the pixel threshold in the middle
         "map_min": mid, "map_max": pixel_thr + max(pixel_thr - mid, 1e-6),
     }
-    cfg = detector.config
-    cfg.image_threshold, cfg.pixel_threshold, cfg.score_stats = image_thr, pixel_thr, stats
-    logger.info("calibrated (%s): image threshold %.6g, pixel threshold %.6g", method, image_thr, pixel_thr)
+    if "fingerprint" in describe:
+        stats["references_fingerprint"] = describe["fingerprint"]
+    config.image_threshold, config.pixel_threshold, config.score_stats = image_thr, pixel_thr, stats
+    logger.info("calibrated (%s, %s mode): image threshold %.6g, pixel threshold %.6g", method, stats["mode"],
+                image_thr, pixel_thr)
     return {"image_threshold": image_thr, "pixel_threshold": pixel_thr, **stats}
 
 
@@ -117,19 +155,3 @@ def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     pos = int(y.sum())
     f1 = 2 * tp / np.maximum(tp + fp + pos, 1)
     return float(s[int(np.argmax(f1))])
-
-
-def _pixel_f1_threshold(detector: "AnomalyDetector", normal_images: Sequence[Any], anom_results: List[Any],
-                        masks: Sequence[Any], batch_size: int) -> float:
-    from .data.images import load_image, resize_map
-
-    size = detector.config.image_size
-    maps, gts = [], []
-    for res, mask in zip(anom_results, masks):
-        m = load_image(mask).array[..., 0] > 0 if not isinstance(mask, np.ndarray) else np.asarray(mask) > 0
-        maps.append(res.anomaly_map.ravel())
-        gts.append(resize_map(m.astype(np.float32), size, size).ravel() > 0.5)
-    for res in detector.predict_iter(list(normal_images), batch_size=batch_size, at_model_size=True):
-        maps.append(res.anomaly_map.ravel())
-        gts.append(np.zeros(res.anomaly_map.size, dtype=bool))
-    return f1_threshold(np.concatenate(maps), np.concatenate(gts).astype(np.int8))

@@ -2,6 +2,9 @@
 
 By default maps are scored at the model's input size with masks resized the authors' way (the papers'
 protocol, method doc §7); ``at_original_resolution`` scores each map at its image's own size instead.
+Each category is scored in one mode, recorded in its row: references (K normal train images, never test
+images), batch (the category's test images as one set; categories never mix) or the head; ``"auto"`` takes
+references when ``shots > 0``, else batch for a category of 16 or more test images, else the head.
 """
 from __future__ import annotations
 
@@ -11,55 +14,64 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from . import metrics
-from .atomic import atomic_write_json
-from .data.datasets import Sample, load_dataset, load_mask
-from .progress import progress_bar
-
-if TYPE_CHECKING:
-    from .detector import AnomalyDetector
+from .. import metrics
+from ..atomic import atomic_write_json
+from ..data import images as imio
+from ..data.datasets import Sample, load_dataset, load_mask
+from ..errors import ConfigError, DatasetError
+from ..modes import MODES
+from ..modes.batch import WARN_BELOW, BatchMode
+from ..modes.head import HeadMode
+from ..modes.references import ReferencesMode
+from ..progress import progress_bar
+from ..runtime.engine import Engine
+from .references import build_references
 
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 
 
-def evaluate(detector: "AnomalyDetector", root: Union[str, "os.PathLike[str]"], out: Optional[Union[str, Path]] = None,
+def evaluate(engine: Engine, root: Union[str, "os.PathLike[str]"], out: Optional[Union[str, Path]] = None,
              format: str = "auto", batch_size: int = 8, at_original_resolution: bool = False,
              aupro_variant: str = "mvtec", shots: int = 0, seed: int = 42, progress: bool = True,
-             model_name: Optional[str] = None) -> Dict[str, Any]:
+             model_name: Optional[str] = None, mode: str = "auto", compare_with: int = 64) -> Dict[str, Any]:
     """Evaluate on every category of the dataset at ``root``; optionally write the JSON report to ``out``."""
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    if shots < 0:
+        raise ConfigError(f"shots must be >= 0, got {shots}")
+    if mode == "references" and shots == 0:
+        raise ConfigError("mode='references' needs shots > 0 (normal train images per category)")
     dataset = load_dataset(root, format=format)
     train = None
-    if shots > 0:
+    if shots > 0 and mode in ("auto", "references"):
         train = load_dataset(root, format=format, split="train")
     t0 = time.perf_counter()
     classes: Dict[str, Dict[str, Any]] = {}
     bar = progress_bar(len(dataset), progress, unit="img", desc="eval")
+    config = engine.model.config
     for category, samples in dataset.by_category().items():
-        refs = _reference_images(train, category, shots, seed) if train is not None else None
-        if refs is not None:
-            detector.set_references(refs)
-        try:
-            classes[category] = _evaluate_category(detector, samples, batch_size, at_original_resolution,
-                                                   aupro_variant, bar)
-        finally:
-            if refs is not None:
-                detector.clear_references()
-        if refs is not None:
-            classes[category]["shots"] = len(refs)
+        scorer, used = _category_mode(engine, mode, samples, train, category, shots, seed, batch_size,
+                                      compare_with)
+        classes[category] = _evaluate_category(engine, scorer, samples, batch_size, at_original_resolution,
+                                               aupro_variant, bar)
+        classes[category]["mode"] = scorer.name
+        if used is not None:
+            classes[category]["shots"] = used
     bar.close()
     report: Dict[str, Any] = {
-        "model": model_name or detector.config.metadata.get("name") or detector.config.backbone,
+        "model": model_name or config.metadata.get("name") or config.backbone,
         "dataset": str(dataset.root),
         "format": dataset.format,
-        "image_size": detector.config.image_size,
+        "image_size": config.image_size,
         "resolution": "original" if at_original_resolution else "model",
         "aupro": f"{aupro_variant} (fpr_limit 0.3)",
+        "mode": mode,
         "shots": shots,
         "classes": classes,
         "mean": {k: _nanmean([c[k] for c in classes.values()]) for k in METRIC_KEYS},
@@ -71,23 +83,37 @@ def evaluate(detector: "AnomalyDetector", root: Union[str, "os.PathLike[str]"], 
     return report
 
 
-def _evaluate_category(detector: "AnomalyDetector", samples: List[Sample], batch_size: int, original: bool,
+def _category_mode(engine: Engine, mode: str, samples: List[Sample], train: Any, category: str, shots: int,
+                   seed: int, batch_size: int, compare_with: int) -> Tuple[Any, Optional[int]]:
+    """The scorer of one category and the number of references it really used (None: no references)."""
+    if train is not None:
+        refs = _reference_images(train, category, shots, seed)
+        if len(refs) < shots:
+            logger.warning("%s: %d shots asked, only %d normal train images: using %d", category, shots,
+                           len(refs), len(refs))
+        return ReferencesMode(build_references(engine, refs, batch_size=batch_size)), len(refs)
+    if mode == "batch" or (mode == "auto" and len(samples) >= WARN_BELOW):
+        return BatchMode(compare_with=compare_with, seed=seed), None
+    return HeadMode(), None
+
+
+def _evaluate_category(engine: Engine, scorer: Any, samples: List[Sample], batch_size: int, original: bool,
                        aupro_variant: str, bar: Any) -> Dict[str, Any]:
     scores = np.empty(len(samples), dtype=np.float64)
     labels = np.array([s.label for s in samples], dtype=np.int8)
     pix_maps: List[np.ndarray] = []
     pix_masks: List[np.ndarray] = []
-    results = detector.predict_iter([s.image_path for s in samples], batch_size=batch_size, on_error="raise",
-                                    at_model_size=not original)
-    for i, (sample, res) in enumerate(zip(samples, results)):
-        scores[i] = res.pred_score
+    results = engine.run([s.image_path for s in samples], scorer, batch_size, on_error="raise")
+    for i, (sample, (x, amap, score)) in enumerate(zip(samples, results)):
+        scores[i] = score
         bar.update(1)
         if sample.mask_missing:
             continue
-        h, w = res.anomaly_map.shape
-        image_hw = None if not original else (h, w)
-        pix_maps.append(res.anomaly_map.astype(np.float32, copy=False))
-        pix_masks.append(load_mask(sample, size=(h, w), image_size=image_hw))
+        if original:
+            amap = imio.resize_map(amap, x.height, x.width)
+        h, w = amap.shape
+        pix_maps.append(amap.astype(np.float32, copy=False))
+        pix_masks.append(load_mask(sample, size=(h, w), image_size=(x.height, x.width)))
     row: Dict[str, Any] = {"n_images": len(samples), "n_anomalous": int(labels.sum())}
     img = metrics.image_metrics(scores, labels)
     row.update({"image_auroc": img["auroc"], "image_ap": img["ap"], "image_f1_max": img["f1_max"]})
@@ -110,7 +136,7 @@ def _reference_images(train: Any, category: str, shots: int, seed: int) -> List[
     """K normal images of the category's train split, drawn with a fixed seed (never from the test split)."""
     pool = [s.image_path for s in train.samples if s.category == category and s.label == 0]
     if not pool:
-        raise ValueError(f"{category}: --shots needs normal images in its train split")
+        raise DatasetError(f"{category}: --shots needs normal images in its train split")
     rng = random.Random(f"{seed}:{category}")
     return sorted(rng.sample(pool, min(shots, len(pool))))
 

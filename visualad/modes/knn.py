@@ -1,0 +1,101 @@
+"""The one nearest-neighbour core of the references and batch modes (patch features, chunked, CPU and CUDA).
+
+Features (MuSc's LNAMD, Li et al. ICLR 2024): per image, LayerNorm over (C, H, W) without affine, an r x r mean
+over the patch grid (zero padding), L2 normalisation; one copy per r. Distances are Euclidean between unit
+vectors, ``sqrt(2 - 2 cos)``, computed as matrix products in fp32 whatever the features' dtype, in chunks so
+that memory stays bounded whatever the number of images.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+#: the feature block as a fraction of the backbone's depth: 7 of 12 on DINOv2-S (measured best of 3..12 on
+#: shared/data, docs/batch-zero-shot.md); a fraction so that deeper backbones get a block at the same depth
+DEFAULT_BLOCK_FRACTIONS: Tuple[float, ...] = (7 / 12,)
+DEFAULT_R: Tuple[int, ...] = (1, 3)
+#: the interval average: the mean of the lowest fraction of an image's distances to the other images
+DEFAULT_FRACTION = 0.1
+CHUNK_ELEMENTS = 1 << 24  # similarity-matrix elements per chunk (64 MB in fp32)
+
+
+def blocks_for_depth(depth: int, fractions: Sequence[float] = DEFAULT_BLOCK_FRACTIONS) -> Tuple[int, ...]:
+    """1-based block indices at these fractions of ``depth`` (12 -> 7; 24 -> 14), increasing, distinct."""
+    return tuple(sorted({min(depth, max(1, int(round(f * depth)))) for f in fractions}))
+
+
+def lnamd(features: torch.Tensor, r: int) -> torch.Tensor:
+    """Patch features [B, N, C] on a square grid -> LayerNorm(C,H,W) + r x r mean + L2 norm, [B, N, C] fp32."""
+    b, n, c = features.shape
+    g = int(round(math.sqrt(n)))
+    if g * g != n:
+        raise ValueError(f"{n} patches do not form a square grid")
+    x = features.float().transpose(1, 2).reshape(b, c, g, g)
+    x = F.layer_norm(x, x.shape[1:])
+    if r > 1:
+        x = F.avg_pool2d(x, r, stride=1, padding=r // 2, count_include_pad=True)
+    return F.normalize(x.reshape(b, c, n).transpose(1, 2), dim=-1, eps=1e-8)
+
+
+def _to_distance(sim: torch.Tensor) -> torch.Tensor:
+    return (2.0 - 2.0 * sim).clamp_(min=0.0).sqrt_()
+
+
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Distance of each query row [Nq, C] to its nearest bank row [Nb, C] (unit vectors) -> [Nq] fp32.
+
+    Exact; queries are taken in chunks of about ``chunk_elements / Nb`` rows, so memory is bounded."""
+    q, bt = queries.float(), bank.float().t()
+    rows = max(1, chunk_elements // max(1, bt.shape[1]))
+    out = torch.empty(q.shape[0], device=q.device, dtype=torch.float32)
+    for s in range(0, q.shape[0], rows):
+        out[s:s + rows] = (q[s:s + rows] @ bt).amax(dim=1)
+    return _to_distance(out)
+
+
+def interval_average(distances: torch.Tensor, fraction: float = DEFAULT_FRACTION) -> torch.Tensor:
+    """[..., M, P] distances of each patch to M other images -> [..., P]: mean of the lowest
+    ``k = max(1, floor(fraction * M))`` (sorted first, so the result does not depend on the images' order)."""
+    m = distances.shape[-2]
+    k = max(1, int(math.floor(fraction * m)))
+    return distances.sort(dim=-2).values[..., :k, :].mean(dim=-2)
+
+
+def partner_offsets(n: int, compare_with: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Cyclic offsets d: image p is compared with p + d and p - d (``both``) and p + d (``forward``), so each
+    image meets exactly ``min(compare_with, n - 1)`` others and each unordered pair is computed once."""
+    m = min(int(compare_with), n - 1)
+    half = m // 2
+    both = tuple(range(1, half + 1))
+    forward = (half + 1,) if m % 2 else ()
+    return both, forward
+
+
+def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: int = 0) -> torch.Tensor:
+    """Mutual scoring of a set: features [N, P, C] (unit rows, the set in its comparison order) -> [N, M, P],
+    each patch's nearest distance in each of its M = min(compare_with, N - 1) partner images.
+
+    One batched product per offset and block of images gives both directions of a pair (row maxima for p,
+    column maxima for its partner), so the work is N * M / 2 pair products; memory is the output plus one
+    block of [b, P, P] similarities."""
+    n, p, _ = features.shape
+    both, forward = partner_offsets(n, compare_with)
+    m = 2 * len(both) + len(forward)
+    out = torch.empty(n, m, p, device=features.device, dtype=torch.float32)
+    f = features.float()
+    block = chunk_images or max(1, CHUNK_ELEMENTS // max(1, p * p))
+    idx = torch.arange(n, device=f.device)
+    slot = 0
+    for d in both + forward:
+        for s in range(0, n, block):
+            rows = idx[s:s + block]
+            partners = (rows + d) % n
+            sim = torch.bmm(f[rows], f[partners].transpose(1, 2))  # [b, P, P]
+            out[rows, slot] = _to_distance(sim.amax(dim=2))
+            if d in both:
+                out[partners, slot + 1] = _to_distance(sim.amax(dim=1))
+        slot += 2 if d in both else 1
+    return out

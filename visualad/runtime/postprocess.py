@@ -1,0 +1,87 @@
+"""From model-size maps to what a user gets: the map at the image's original size, thresholds, labels.
+
+Thresholds know the mode they were calibrated in (and, for references, the bank's fingerprint): in another
+mode they are not applied, and the result says so once in the log instead of flagging every part.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from ..config import VisualADConfig
+from ..data import images as imio
+from ..result import AnomalyResult
+from .readahead import Loaded
+
+logger = logging.getLogger(__name__)
+
+
+def make_result(x: Loaded, model_map: Optional[np.ndarray], score: float, mode: str,
+                at_model_size: bool = False) -> AnomalyResult:
+    """The result of one input: its map resized to the original size (bilinear), or its error."""
+    if not x.ok:
+        return AnomalyResult(pred_score=float("nan"), anomaly_map=None, image_path=x.path, error=str(x.error),
+                             mode=mode)
+    amap = model_map if at_model_size else imio.resize_map(model_map, x.height, x.width)
+    return AnomalyResult(pred_score=score, anomaly_map=amap, image_path=x.path, image=x.image, mode=mode)
+
+
+class Thresholds:
+    """Applies the calibrated thresholds of a config to results, warning once per reason."""
+
+    def __init__(self) -> None:
+        self._warned: set = set()
+
+    def _warn_once(self, key: str, msg: str, *args: Any, level: int = logging.WARNING) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.log(level, msg, *args)
+
+    def applicable(self, config: VisualADConfig, mode: Dict[str, Any]) -> bool:
+        """Whether the config's thresholds were calibrated in this mode (older configs: the head mode)."""
+        stats = config.score_stats or {}
+        calibrated = stats.get("mode", "head")
+        if calibrated != mode["mode"]:
+            self._warn_once(f"mode:{mode['mode']}", "thresholds were calibrated in %s mode and this prediction "
+                            "runs in %s mode: pred_label stays None; calibrate in %s mode "
+                            "(detector.calibrate(normal_images, mode=%r))", calibrated, mode["mode"],
+                            mode["mode"], mode["mode"])
+            return False
+        fp = stats.get("references_fingerprint")
+        if mode["mode"] == "references" and fp is not None and fp != mode.get("fingerprint"):
+            self._warn_once("bank", "thresholds were calibrated with other reference images: pred_label stays "
+                            "None; calibrate again after set_references")
+            return False
+        return True
+
+    def apply(self, res: AnomalyResult, config: VisualADConfig, mode: Dict[str, Any], dtype: str,
+              threshold: Optional[float] = None) -> None:
+        if not res.ok:
+            return
+        stats = config.score_stats or {}
+        if threshold is None:
+            if config.image_threshold is None:
+                self._warn_once("none", "no threshold: pred_label stays None; call detector.calibrate("
+                                "normal_images) or pass threshold=", level=logging.INFO)
+                return
+            if not self.applicable(config, mode):
+                return
+            calibrated_in = stats.get("dtype")
+            if calibrated_in and calibrated_in != dtype:
+                self._warn_once("dtype", "thresholds were calibrated in %s but the model runs in %s: scores "
+                                "differ slightly between precisions; calibrate again in this dtype or load "
+                                "with dtype=%r", calibrated_in, dtype, calibrated_in)
+            if "map_min" in stats and "map_max" in stats:
+                res.map_range = (stats["map_min"], stats["map_max"])
+        thr = threshold if threshold is not None else config.image_threshold
+        res.threshold = float(thr)
+        res.pred_label = bool(res.pred_score >= thr)
+        lo, hi = stats.get("min"), stats.get("max")
+        span = (hi - lo) if lo is not None and hi is not None and hi > lo else 1.0
+        res.normalized_score = float(min(1.0, max(0.0, (res.pred_score - thr) / span + 0.5)))
+        pix = config.pixel_threshold if threshold is None else None
+        if pix is not None and res.anomaly_map is not None:
+            res.pixel_threshold = float(pix)
+            res.pred_mask = res.anomaly_map >= pix

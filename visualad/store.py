@@ -1,0 +1,79 @@
+"""A model directory: build a model from a config, load one from disk, write one (the only module that
+knows the directory's layout; the detector, the authors' converter and finetune all go through it)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+import torch
+
+from .config import VisualADConfig
+from .layout import BACKBONE_WEIGHTS_NAME, CONFIG_NAME, REFERENCES_NAME, WEIGHTS_NAME
+from .model import VisualAD, build_backbone, parse_backbone
+from .modes.references import ReferenceBank
+from .types import PathLike
+from .weights.safe import load_safetensors, save_safetensors
+from .weights.sources import backbone_state_dict
+
+logger = logging.getLogger(__name__)
+
+HEAD_SCHEMA = "1"
+
+
+def build_model(config: VisualADConfig, *, seed: Optional[int] = None, model_dir: Optional[Path] = None,
+                **fetch: Any) -> VisualAD:
+    """The backbone with its weights (pretrained, or the directory's own) and a head from ``seed``."""
+    backbone = build_backbone(config.backbone, config.backbone_kwargs)
+    if config.backbone_pretrained or model_dir is not None:
+        backbone.load_weights(backbone_state_dict(config.backbone, model_dir=model_dir,
+                                                  pretrained=config.backbone_pretrained, **fetch))
+    config = config.resolved(backbone.depth, backbone.patch_size, parse_backbone(config.backbone).default_image_size)
+    with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        return VisualAD(config, backbone)
+
+
+def load_model(model_dir: PathLike, image_size: Optional[int] = None,
+               **fetch: Any) -> Tuple[VisualAD, Optional[ReferenceBank]]:
+    """The model of a directory written by :func:`save_model` (strict: missing or unexpected keys are errors)
+    and its reference bank, if it has one (on the CPU)."""
+    model_dir = Path(model_dir)
+    config = VisualADConfig.load(model_dir / CONFIG_NAME)
+    state = load_safetensors(model_dir / WEIGHTS_NAME)
+    if image_size is not None and image_size != config.image_size:
+        # resolved() refuses sizes whose patches exceed the trained SCA table
+        config = dataclasses.replace(config, image_size=int(image_size))
+    model = build_model(config, model_dir=model_dir, **fetch)
+    model.load_head_state_dict(state, source=str(model_dir / WEIGHTS_NAME))
+    model.eval()
+    bank = None
+    if (model_dir / REFERENCES_NAME).is_file():
+        bank = ReferenceBank.load(model_dir / REFERENCES_NAME)
+    return model, bank
+
+
+def save_model(directory: PathLike, model: VisualAD, references: Optional[ReferenceBank] = None,
+               model_card: bool = True) -> Path:
+    """Write config.json + model.safetensors (only the trained parameters), each atomically, plus the
+    reference bank and, for random backbones, the backbone weights (they exist nowhere else)."""
+    from .weights.card import write_model_card
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.head_state_dict().items()}
+    save_safetensors(state, out / WEIGHTS_NAME, metadata={"format": "pt", "visualad_schema": HEAD_SCHEMA})
+    if not model.config.backbone_pretrained:
+        bb = {k: v.detach().cpu().contiguous() for k, v in model.backbone.library_state_dict().items()}
+        save_safetensors(bb, out / BACKBONE_WEIGHTS_NAME)
+    if references is not None:
+        references.save(out / REFERENCES_NAME)
+    elif (out / REFERENCES_NAME).exists():
+        (out / REFERENCES_NAME).unlink()  # a stale bank must not come back with this model
+    model.config.save(out / CONFIG_NAME)
+    if model_card:
+        write_model_card(out, model.config, n_params=sum(v.numel() for v in state.values()))
+    return out
