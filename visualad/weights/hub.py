@@ -111,7 +111,7 @@ def _check_sha256_arg(sha256: Optional[str]) -> Optional[str]:
 
 def _version() -> str:
     try:
-        from .. import __version__
+        from .._version import __version__
 
         return str(__version__)
     except Exception:  # pragma: no cover - partially initialised package

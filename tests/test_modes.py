@@ -1,0 +1,205 @@
+"""Scoring modes over one nearest-neighbour core: the core against brute force, batch mode's invariances and
+its detection of a pasted defect on the real ViT-S, references and their persistence, thresholds per mode."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visualad.errors import ConfigError, WeightsError
+from visualad.modes import knn
+from visualad.modes.batch import BatchMode
+from visualad.modes.references import ReferenceBank
+
+
+def _unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def _images(n, seed=0, size=56):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_nearest_distance_chunked_equals_cdist():
+    q, b = _unit(37, 16, seed=1), _unit(53, 16, seed=2)
+    brute = torch.cdist(q, b).min(dim=1).values
+    for chunk in (1, 53, 7 * 53, 10**6):
+        torch.testing.assert_close(knn.nearest_distance(q, b, chunk_elements=chunk), brute, atol=1e-5, rtol=0)
+
+
+def test_core_takes_bf16_features_and_computes_fp32_distances():
+    """The same code serves CPU and CUDA; under bf16 features the distances are fp32."""
+    f = _unit(6, 16, 8, seed=3).to(torch.bfloat16)
+    d = knn.mutual_distances(f, compare_with=5)
+    assert d.dtype == torch.float32 and d.shape == (6, 5, 16)
+    assert knn.nearest_distance(f[0], f[1]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("n,m", [(7, 6), (7, 10), (8, 7), (9, 4), (9, 5), (12, 1)])
+def test_mutual_distances_match_brute_force_partner_by_partner(n, m):
+    f = _unit(n, 9, 8, seed=n + m)
+    d = knn.mutual_distances(f, compare_with=m, chunk_images=2)
+    both, forward = knn.partner_offsets(n, m)
+    want = min(m, n - 1)
+    assert d.shape == (n, want, 9)
+    for p in range(n):
+        partners = []
+        for off in both:
+            partners += [(p + off) % n, (p - off) % n]
+        partners += [(p + off) % n for off in forward]
+        assert len(set(partners)) == want and p not in partners
+        brute = torch.stack([torch.cdist(f[p], f[j]).min(dim=1).values for j in partners])
+        torch.testing.assert_close(d[p], brute, atol=1e-5, rtol=0)
+
+
+def test_interval_average_is_the_mean_of_the_lowest_fraction():
+    d = torch.tensor([[5.0, 1.0, 3.0, 2.0, 4.0, 9.0, 8.0, 7.0, 6.0, 0.5]]).T[None]  # [1, M=10, P=1]
+    assert knn.interval_average(d, 0.1).item() == pytest.approx(0.5)
+    assert knn.interval_average(d, 0.3).item() == pytest.approx((0.5 + 1 + 2) / 3)
+    assert knn.blocks_for_depth(12) == (7,) and knn.blocks_for_depth(24) == (14,)
+
+
+@pytest.mark.parametrize("compare_with", [3, 64])
+def test_batch_results_do_not_depend_on_the_order_of_the_images(tiny_detector, compare_with):
+    imgs = _images(9, 4)
+    a = tiny_detector.predict(imgs, mode="batch", compare_with=compare_with)
+    perm = [4, 0, 8, 2, 6, 1, 7, 3, 5]
+    b = tiny_detector.predict([imgs[i] for i in perm], mode="batch", compare_with=compare_with)
+    for j, i in enumerate(perm):  # equal up to the float rounding of a different batch composition
+        np.testing.assert_allclose(a[i].anomaly_map, b[j].anomaly_map, atol=1e-5, rtol=0)
+        assert a[i].pred_score == pytest.approx(b[j].pred_score, abs=1e-5) and a[i].mode == "batch"
+    spread = np.ptp([r.pred_score for r in a])
+    assert spread > 1e-3  # the images do differ: equality above is not a constant map
+
+
+def test_batch_mode_needs_four_images_and_warns_below_sixteen(tiny_detector, caplog):
+    with pytest.raises(ConfigError, match="at least 4"):
+        tiny_detector.predict(_images(3), mode="batch")
+    with caplog.at_level(logging.WARNING, logger="visualad.modes.batch"):
+        tiny_detector.predict(_images(5), mode="batch")
+    assert "below 16 images" in caplog.text
+
+
+def test_auto_picks_batch_for_sixteen_images_and_the_head_with_a_warning_below(tiny_detector, caplog):
+    with caplog.at_level(logging.WARNING, logger="visualad.detector"):
+        assert {r.mode for r in tiny_detector.predict(_images(3))} == {"head"}
+    assert "transfers poorly" in caplog.text
+    assert {r.mode for r in tiny_detector.predict(_images(16, 5))} == {"batch"}
+    tiny_detector.set_references(_images(2, 6))
+    assert {r.mode for r in tiny_detector.predict(_images(16, 5))} == {"references"}
+
+
+def test_a_patch_pasted_into_one_normal_image_gets_the_maximum_of_its_map(imgfocus_detector, shared_data):
+    """Real DINOv2-S/14: 16 normal hazelnuts, a 56 px square of transistor pasted into one."""
+    from PIL import Image
+
+    good = sorted((shared_data / "mvtec_ad_reduced/hazelnut/train/good").iterdir())[:16]
+    imgs = [np.asarray(Image.open(p).convert("RGB")) for p in good]
+    donor = np.asarray(Image.open(sorted((shared_data / "mvtec_ad_reduced/transistor/train/good").iterdir())[0])
+                       .convert("RGB"))
+    y0, x0, s = 150, 60, 40
+    pasted = imgs[5].copy()
+    pasted[y0:y0 + s, x0:x0 + s] = donor[100:100 + s, 100:100 + s]
+    imgs[5] = pasted
+    res = imgfocus_detector.predict(imgs, mode="batch")
+    amap = res[5].anomaly_map
+    yy, xx = np.unravel_index(np.argmax(amap), amap.shape)
+    assert y0 <= yy < y0 + s and x0 <= xx < x0 + s
+    scores = np.array([r.pred_score for r in res])
+    assert int(np.argmax(scores)) == 5
+
+
+def test_zero_references_means_no_references(tiny_detector):
+    imgs = _images(3, 7)
+    head = tiny_detector.predict(imgs, mode="head")
+    tiny_detector.set_references([])
+    assert tiny_detector.references is None
+    again = tiny_detector.predict(imgs, mode="auto")
+    for a, b in zip(head, again):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    with pytest.raises(ConfigError, match="reference images"):
+        tiny_detector.predict(imgs, mode="references")
+
+
+def test_references_persist_and_score_the_same_after_loading(tiny_detector, tmp_path):
+    from visualad import AnomalyDetector
+
+    tiny_detector.set_references(_images(3, 8))
+    imgs = _images(2, 9)
+    before = tiny_detector.predict(imgs)
+    d = tiny_detector.save_pretrained(tmp_path / "m")
+    meta = json.loads(__import__("safetensors").safe_open(str(d / "references.safetensors"), "pt").metadata()
+                      ["visualad_references"])
+    assert meta["schema"] == "3" and meta["shots"] == 3 and len(meta["digests"]) == 3
+    loaded = AnomalyDetector.from_pretrained(d, device="cpu")
+    after = loaded.predict(imgs)
+    for a, b in zip(before, after):
+        assert b.mode == "references"
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_a_bank_of_schema_two_is_read_as_references_alone(tmp_path, caplog):
+    from visualad.weights.safe import save_safetensors
+
+    feats = _unit(2 * 16, 8, seed=5)
+    meta = {"schema": "2", "shots": 2, "layers": [2], "feature": "backbone", "image_size": 56,
+            "stats": {}, "weights": [0.1, 0.9]}
+    save_safetensors({"layer_2": feats}, tmp_path / "old.safetensors",
+                     metadata={"visualad_references": json.dumps(meta)})
+    with caplog.at_level(logging.WARNING):
+        bank = ReferenceBank.load(tmp_path / "old.safetensors")
+    assert bank.blocks == (2,) and bank.rs == (1,) and bank.shots == 2 and not bank.layernorm
+    assert "schema 2" in caplog.text
+    meta["schema"] = "1"
+    save_safetensors({"layer_2": feats}, tmp_path / "v1.safetensors",
+                     metadata={"visualad_references": json.dumps(meta)})
+    with pytest.raises(WeightsError, match="set the references again"):
+        ReferenceBank.load(tmp_path / "v1.safetensors")
+    save_safetensors({"block_2_r_1": feats}, tmp_path / "bad.safetensors",
+                     metadata={"visualad_references": json.dumps({"schema": "3"})})
+    with pytest.raises(WeightsError, match="malformed"):
+        ReferenceBank.load(tmp_path / "bad.safetensors")
+
+
+def test_head_thresholds_are_not_applied_in_references_mode(tiny_detector, caplog):
+    imgs = _images(4, 10)
+    tiny_detector.calibrate(imgs, mode="head")
+    assert tiny_detector.predict(imgs[0], mode="head").pred_label is not None
+    tiny_detector.set_references(_images(2, 11))
+    with caplog.at_level(logging.WARNING, logger="visualad.runtime.postprocess"):
+        res = tiny_detector.predict(imgs)
+        tiny_detector.predict(imgs)
+    assert all(r.mode == "references" and r.pred_label is None for r in res)
+    assert caplog.text.count("calibrated in head mode") == 1
+    tiny_detector.calibrate(imgs)  # now in references mode, against this bank
+    assert tiny_detector.config.score_stats["mode"] == "references"
+    assert all(r.pred_label is not None for r in tiny_detector.predict(imgs))
+
+
+def test_calibrating_on_the_references_themselves_is_leave_one_out(tiny_detector):
+    refs = _images(3, 12)
+    tiny_detector.set_references(refs)
+    out = tiny_detector.calibrate(refs)
+    assert out["mode"] == "references"
+    # scored against the bank with itself in it, a reference is near 0 (bf16 rounding only); left out, it is not
+    itself = tiny_detector.predict(refs[0]).pred_score
+    assert itself < 0.2 * out["min"]
+
+
+def test_eval_in_batch_mode_scores_each_category_as_its_own_set(tiny_detector, shared_data, monkeypatch):
+    sizes = []
+    original = BatchMode.score_set
+
+    def spy(self, features, digests):
+        sizes.append(len(digests))
+        return original(self, features, digests)
+
+    monkeypatch.setattr(BatchMode, "score_set", spy)
+    report = tiny_detector.evaluate(shared_data / "mvtec_ad_reduced", mode="batch", progress=False)
+    assert sizes == [r["n_images"] for r in report["classes"].values()] == [10, 10]
+    assert {r["mode"] for r in report["classes"].values()} == {"batch"}
