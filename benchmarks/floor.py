@@ -3,7 +3,7 @@
 1. Measures the dense matrix-multiply rate of the device in the chosen dtype (square GEMMs, best of a few).
 2. Counts the model's FLOPs per image with ``torch.utils.flop_counter`` (one forward at the chosen size).
 3. Floor = rate / FLOPs per image: the images per second the model would reach if every FLOP ran at the
-   GEMM rate. Reports the measured images per second of ``forward_images`` (batched, on-device scoring) as a
+   GEMM rate. Reports the measured images per second of ``Engine.score_arrays`` (batched, on-device scoring) as a
    fraction of that floor.
 
 The GPU check of issue 8 (ViT-L/14 at 518 px, bf16, batch 32; target >= 60% of the floor):
@@ -24,6 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from visualad import AnomalyDetector
+from visualad.modes.head import HeadMode  # noqa: E402
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
@@ -51,7 +52,7 @@ def flops_per_image(det: AnomalyDetector) -> float:
     s = det.config.image_size
     x = torch.zeros(1, 3, s, s, device=det.device)
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad(), det._autocast():  # FlopCounterMode fails under inference_mode
+    with counter, torch.no_grad(), det.engine.autocast():  # FlopCounterMode fails under inference_mode
         det.model(x)
     return float(counter.get_total_flops())
 
@@ -66,11 +67,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     squares = [rng.integers(0, 255, size=(args.size, args.size, 3), dtype=np.uint8) for _ in range(args.batch)]
     sync = _sync(device)
     for _ in range(args.warmup):
-        det.forward_images(squares)
+        det.engine.score_arrays(squares, HeadMode())
     sync()
     t = time.perf_counter()
     for _ in range(args.reps):
-        det.forward_images(squares)
+        det.engine.score_arrays(squares, HeadMode())
     sync()
     ips = args.reps * args.batch / (time.perf_counter() - t)
     floor = rate / flops

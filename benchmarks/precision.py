@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from visualad import AnomalyDetector, metrics  # noqa: E402
+from visualad.modes.head import HeadMode  # noqa: E402
 from visualad.data import images as imio  # noqa: E402
 from visualad.data.datasets import load_dataset, load_mask  # noqa: E402
 
@@ -29,7 +30,7 @@ from visualad.data.datasets import load_dataset, load_mask  # noqa: E402
 def run(det: AnomalyDetector, arrays: List[np.ndarray], batch: int) -> "tuple[np.ndarray, np.ndarray]":
     maps, scores = [], []
     for s in range(0, len(arrays), batch):
-        m, sc = det.forward_images(arrays[s:s + batch])
+        m, sc = det.engine.score_arrays(arrays[s:s + batch], HeadMode())
         maps.append(m)
         scores.append(sc)
     return np.concatenate(maps), np.concatenate(scores)

@@ -5,7 +5,7 @@
 - ``authors``: the authors' way, reimplemented here: one image at a time, fp32, SCA run once per token, each
   layer map upsampled then summed, the map moved to the host and blurred with scipy, the top-1% mean in NumPy.
 
-``ours`` is ``AnomalyDetector.forward_images`` (normalise on the device, one forward per batch, blur, upsample
+``ours`` is ``Engine.score_arrays`` (normalise on the device, one forward per batch, blur, upsample
 and top-k on the device, maps to the host once); ``ours+io`` adds the resize to the square input and back to
 each image's original size (``predict`` on decoded images).
 
@@ -74,6 +74,7 @@ def _authors_way(model: Any, x: torch.Tensor) -> float:
 
 def run_one(args: argparse.Namespace) -> Dict[str, Any]:
     from visualad import AnomalyDetector
+    from visualad.modes.head import HeadMode
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -87,8 +88,8 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
     rng = np.random.default_rng(0)
     squares = [rng.integers(0, 255, size=(s, s, 3), dtype=np.uint8) for _ in range(b)]
     originals = [rng.integers(0, 255, size=(600, 800, 3), dtype=np.uint8) for _ in range(b)]
-    x = det._to_batch(squares)
-    autocast = det._autocast
+    x = det.engine.to_batch(squares)
+    autocast = det.engine.autocast
 
     def backbone() -> None:
         with torch.inference_mode(), autocast():
@@ -98,7 +99,7 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
                 bb.visual(x)
 
     def ours() -> None:
-        det.forward_images(squares)
+        det.engine.score_arrays(squares, HeadMode())
 
     def ours_io() -> None:
         det.predict(originals, batch_size=b, keep_image=False)
@@ -113,11 +114,11 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
     out["ours_io_s"] = _time(ours_io, reps, sync) / b
     if args.authors:
         fp32 = AnomalyDetector(model, device=args.device, dtype="fp32")
-        one = fp32._to_batch(squares[:1])
+        one = fp32.engine.to_batch(squares[:1])
         out["authors_s"] = _time(lambda: _authors_way(model, one), reps, sync)
         with torch.inference_mode():
-            ref_maps, ref_scores = fp32.forward_images(squares[:1])
-        maps, scores = det.forward_images(squares[:1])
+            ref_maps, ref_scores = fp32.engine.score_arrays(squares[:1], HeadMode())
+        maps, scores = det.engine.score_arrays(squares[:1], HeadMode())
         out["map_max_abs_diff_vs_fp32"] = float(np.abs(maps - ref_maps).max())
         out["score_abs_diff_vs_fp32"] = float(abs(scores[0] - ref_scores[0]))
     if device.type == "cuda":

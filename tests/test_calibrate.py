@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from visualad import AnomalyDetector
 from visualad.tasks.calibrate import _percentile_of_top, f1_threshold
