@@ -12,6 +12,7 @@ from typing import Iterator, List, Optional, Sequence
 
 from ._version import __version__
 from .errors import VisualADError
+from .modes import MODES  # the package's __init__ holds only the names: no torch
 
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 2
 
@@ -25,7 +26,6 @@ def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = None) -
     p.add_argument("--image-size", type=int, default=None, help="override the model's input size (px)")
 
 
-MODES = ("auto", "head", "references", "batch")  # visualad.modes.MODES, without importing torch
 
 
 def _positive_int(text: str) -> int:
@@ -285,9 +285,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     anomalous = list(iter_image_files(args.anomalous)) if args.anomalous else None
     _references(det, args.references)
     kwargs = {} if args.percentile is None else {"percentile": args.percentile}
-    _announce_mode("calibrate", det.scoring_mode(args.mode, len(normals)), len(normals))
-    det.calibrate(normals, anomalous, batch_size=args.batch_size, progress=not args.quiet, mode=args.mode,
-                  compare_with=args.compare_with, **kwargs)
+    scorer = det.scoring_mode(args.mode, len(normals), compare_with=args.compare_with)
+    _announce_mode("calibrate", scorer, len(normals))
+    det.calibrate(normals, anomalous, batch_size=args.batch_size, progress=not args.quiet, mode=scorer, **kwargs)
     det.save_pretrained(args.out)
     cfg = det.config
     print(f"image threshold {cfg.image_threshold:.6g}, pixel threshold {cfg.pixel_threshold:.6g}; "

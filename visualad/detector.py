@@ -156,11 +156,13 @@ class AnomalyDetector:
         return info.oid
 
     # --- modes ---------------------------------------------------------------------------------------
-    def scoring_mode(self, mode: str = "auto", n_images: Optional[int] = None, compare_with: int = 64,
+    def scoring_mode(self, mode: Any = "auto", n_images: Optional[int] = None, compare_with: int = 64,
                      seed: int = 0) -> Any:
         """The scorer a call uses. ``"auto"``: references when set; else batch for a set of 16 or more images
         given together; else the head, with one warning (it transfers poorly to unseen products on small
-        backbones)."""
+        backbones). A scorer object (what this returns) is used as it is."""
+        if not isinstance(mode, str):
+            return mode
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "references" or (mode == "auto" and self.references is not None):
@@ -205,11 +207,9 @@ class AnomalyDetector:
         ``error`` set; ``threshold`` overrides the calibrated image threshold; ``references``: normal images
         for this call only.
         """
-        if isinstance(images, (str, Path)) and Path(images).is_dir():
-            return list(self.predict_folder(images, batch_size, threshold, on_error, keep_image=keep_image,
-                                            progress=progress, mode=mode, compare_with=compare_with, seed=seed))
         single = not isinstance(images, (list, tuple)) and not (
-            isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] > 1)
+            isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] > 1) and not (
+            isinstance(images, (str, Path)) and Path(images).is_dir())
         items = _expand(images)
         saved = self.references
         try:
@@ -244,7 +244,7 @@ class AnomalyDetector:
         if int(batch_size) < 1:
             raise ValueError("batch_size must be >= 1")
         n = len(items) if hasattr(items, "__len__") else None
-        scorer = mode if not isinstance(mode, str) else self.scoring_mode(mode, n, compare_with, seed)
+        scorer = self.scoring_mode(mode, n, compare_with, seed)
         described = scorer.describe()
         dtype = dtype_name(self.dtype)
         bar = progress_bar(n, progress, unit="img")
@@ -257,7 +257,7 @@ class AnomalyDetector:
 
     # --- tasks ---------------------------------------------------------------------------------------
     def calibrate(self, normal_images: Any, anomalous_images: Any = None, masks: Any = None, method: str = "auto",
-                  mode: str = "auto", **kwargs: Any) -> Dict[str, Any]:
+                  mode: Any = "auto", **kwargs: Any) -> Dict[str, Any]:
         """Set image and pixel thresholds for one mode (see :mod:`visualad.tasks.calibrate`); save_pretrained
         persists them. ``mode="auto"``: references when set, else batch for 16 or more normal images, else
         the head. Normal images only: a high percentile of their scores; with anomalous images: F1-max."""

@@ -59,16 +59,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import (
-    TYPE_CHECKING,
-    Dict,
-    Iterable,
-    List,
-    Optional,
-    Sequence,
-    Set,
-    Tuple,
-)
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -78,11 +69,7 @@ from ..types import PathLike
 from .files import is_image_name, iter_image_files
 from .masks import read_mask, resize_mask
 
-if TYPE_CHECKING:
-    pass
-
 logger = logging.getLogger(__name__)
-
 
 NORMAL_DIR_NAMES = ("good", "ok")  # "ok" is BTAD's name for normal images
 FORMATS = ("auto", "mvtec", "visa", "meta", "folder")

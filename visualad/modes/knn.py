@@ -40,7 +40,8 @@ def lnamd(features: torch.Tensor, r: int) -> torch.Tensor:
     return F.normalize(x.reshape(b, c, n).transpose(1, 2), dim=-1, eps=1e-8)
 
 
-def _to_distance(sim: torch.Tensor) -> torch.Tensor:
+def to_distance(sim: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of unit vectors -> their Euclidean distance ``sqrt(2 - 2 cos)`` (in place)."""
     return (2.0 - 2.0 * sim).clamp_(min=0.0).sqrt_()
 
 
@@ -53,7 +54,7 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: 
     out = torch.empty(q.shape[0], device=q.device, dtype=torch.float32)
     for s in range(0, q.shape[0], rows):
         out[s:s + rows] = (q[s:s + rows] @ bt).amax(dim=1)
-    return _to_distance(out)
+    return to_distance(out)
 
 
 def interval_average(distances: torch.Tensor, fraction: float = DEFAULT_FRACTION) -> torch.Tensor:
@@ -94,8 +95,8 @@ def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: in
             rows = idx[s:s + block]
             partners = (rows + d) % n
             sim = torch.bmm(f[rows], f[partners].transpose(1, 2))  # [b, P, P]
-            out[rows, slot] = _to_distance(sim.amax(dim=2))
+            out[rows, slot] = to_distance(sim.amax(dim=2))
             if d in both:
-                out[partners, slot + 1] = _to_distance(sim.amax(dim=1))
+                out[partners, slot + 1] = to_distance(sim.amax(dim=1))
         slot += 2 if d in both else 1
     return out

@@ -49,6 +49,7 @@ class ReferenceBank:
         self.digests = list(digests)
         self.layernorm = bool(layernorm)
         self.meta = dict(meta or {})
+        self._fingerprint: Optional[str] = None
 
     @property
     def shots(self) -> int:
@@ -60,12 +61,15 @@ class ReferenceBank:
 
     @property
     def fingerprint(self) -> str:
-        """A short digest of the bank's content: thresholds calibrated on one bank are not applied to another."""
-        h = hashlib.sha1()
-        for key in sorted(self.features):
-            h.update(repr(key).encode())
-            h.update(self.features[key].detach().cpu().float().numpy().tobytes())
-        return h.hexdigest()[:16]
+        """A short digest of the bank's content: thresholds calibrated on one bank are not applied to another.
+        Computed once: a bank's features never change after it is built."""
+        if self._fingerprint is None:
+            h = hashlib.sha1()
+            for key in sorted(self.features):
+                h.update(repr(key).encode())
+                h.update(self.features[key].detach().cpu().float().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def to(self, device: torch.device) -> "ReferenceBank":
         self.features = {k: v.to(device) for k, v in self.features.items()}
@@ -177,7 +181,7 @@ def _outside_neighbourhood(q: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     sim = q.float() @ bank.float().t()
     near = ((yy[:, None] - yy[None]).abs() <= 1) & ((xx[:, None] - xx[None]).abs() <= 1)
     sim.masked_fill_(near, -1.0)
-    return (2.0 - 2.0 * sim.amax(dim=1)).clamp_(min=0.0).sqrt_()
+    return knn.to_distance(sim.amax(dim=1))
 
 
 def build_bank(block_features: Iterable[Tuple[str, List[torch.Tensor]]], blocks: Sequence[int],

@@ -117,18 +117,18 @@ class Engine:
             for x in chunk:
                 x.square = None  # only the features are kept for the set
             loaded += chunk
-        mode.check_count(len(digests))
         with torch.inference_mode():
-            grids = mode.score_set({k: torch.cat(v) for k, v in parts.items()}, digests)
+            grids = mode.score_set({k: torch.cat(v) for k, v in parts.items() if v}, digests)  # good inputs, in order
             del parts
-            good_iter = iter(range(len(digests)))
-            pos = {id(x): next(good_iter) for x in loaded if x.ok}
+            done = 0
             for s in range(0, len(loaded), batch_size):
                 chunk = loaded[s:s + batch_size]
-                idx = [pos[id(x)] for x in chunk if x.ok]
-                maps = self.model.grid_to_map(grids[idx]) if idx else None
-                scores = maps.flatten(1).amax(dim=1).cpu().numpy() if idx else None
-                maps = maps.cpu().numpy() if idx else None
+                n_ok = sum(x.ok for x in chunk)
+                if n_ok:
+                    maps = self.model.grid_to_map(grids[done:done + n_ok])
+                    scores = maps.flatten(1).amax(dim=1).cpu().numpy()
+                    maps = maps.cpu().numpy()
+                    done += n_ok
                 j = 0
                 for x in chunk:
                     if x.ok:

@@ -32,7 +32,6 @@ from .safe import LFS_POINTER_PREFIX, is_lfs_pointer
 
 logger = logging.getLogger(__name__)
 
-
 _CHUNK = 1 << 20
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")

@@ -37,7 +37,6 @@ from .hub import sha256_file
 
 logger = logging.getLogger(__name__)
 
-
 IMGFOCUS_TIMM_NAME = "vit_small_patch14_dinov2"
 IMGFOCUS_IMG_SIZE = 518
 IMGFOCUS_VERSION = "0.1.1"

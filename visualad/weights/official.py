@@ -25,8 +25,6 @@ from .safe import is_lfs_pointer, load_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
 
-
-
 LICENSE_NOTE = (
     "converted from the authors' checkpoint (github.com/7HHHHH/VisualAD); that repository has no LICENSE file "
     "(its README badge says MIT), so check the terms before redistributing these weights"
