@@ -4,8 +4,10 @@
 
 Writes N JPEG images of side x side pixels (smooth random colour fields) to a temporary folder, runs
 ``visualad predict DIR --mode head`` in a fresh process per N, and prints each run's peak RSS and the ratio
-to the smallest N (measured in the same run). The bounded read-ahead keeps at most two batches of decoded
-images in flight, so the ratio should stay near 1.
+to the smallest N (measured in the same run). The bounded read-ahead keeps at most two batches in flight and
+drops each input's full-size pixels once resized; without --overlays the CLI makes no full-size map (the rows
+carry the score and the input's size), so the ratio should stay near 1. What remains is the transient of a
+decode (two worker threads, each ~250 MB for a 36 MP JPEG) overlapping a forward: it does not grow with N.
 """
 from __future__ import annotations
 

@@ -59,7 +59,10 @@ def test_predict_globs_and_files(tiny_model_dir, image_tree, tmp_path):
     code = main(["predict", str(image_tree / "**" / "*.jpg"), str(image_tree / "a" / "crack0.png"),
                  "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out), "-q"])
     assert code == 0
-    assert [r["path"] for r in _rows(out)] == [str(image_tree / "b/c/cookie.jpg"), str(image_tree / "a/crack0.png")]
+    rows = _rows(out)
+    assert [r["path"] for r in rows] == [str(image_tree / "b/c/cookie.jpg"), str(image_tree / "a/crack0.png")]
+    # without overlays no full-size map is made, yet the rows give each input's own size
+    assert [(r["height"], r["width"]) for r in rows] == [(768, 576), (256, 256)]
 
 
 def test_missing_input_is_an_error_row_not_a_traceback(tiny_model_dir, tmp_path, capsys):

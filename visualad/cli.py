@@ -210,7 +210,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out_ctx = atomic_open(args.out, "w") if args.out else _Stdout()
     with out_ctx as fh:
         results = det.predict_iter(files, batch_size=args.batch_size, threshold=args.threshold, on_error="return",
-                                   keep_image=args.overlays is not None, progress=not args.quiet, mode=scorer)
+                                   keep_image=args.overlays is not None, progress=not args.quiet, mode=scorer,
+                                   at_model_size=args.overlays is None)  # no full-size map nobody reads
         for (path, base), res in zip(inputs, results):
             if res.image_path is None:
                 res.image_path = str(path)

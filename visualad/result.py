@@ -26,6 +26,7 @@ class AnomalyResult:
     threshold: Optional[float] = None
     error: Optional[str] = None
     mode: Optional[str] = None  # the way of scoring that produced it: "head", "references" or "batch"
+    image_size: Optional[Tuple[int, int]] = None  # (height, width) of the input as displayed
     image: Optional[np.ndarray] = field(default=None, repr=False)  # the RGB uint8 input, for overlays
     map_range: Optional[Tuple[float, float]] = field(default=None, repr=False)  # calibrated colour scale
     pixel_threshold: Optional[float] = field(default=None, repr=False)
@@ -60,8 +61,10 @@ class AnomalyResult:
             "mode": self.mode,
             "error": self.error,
         }
+        size = self.image_size or (None if self.anomaly_map is None else self.anomaly_map.shape)
+        if size is not None:
+            d["height"], d["width"] = (int(x) for x in size)
         if self.anomaly_map is not None:
-            d["height"], d["width"] = (int(x) for x in self.anomaly_map.shape)
             if with_map:
                 d["anomaly_map"] = self.anomaly_map.tolist()
         return d

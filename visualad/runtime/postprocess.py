@@ -25,7 +25,8 @@ def make_result(x: Loaded, model_map: Optional[np.ndarray], score: float, mode: 
         return AnomalyResult(pred_score=float("nan"), anomaly_map=None, image_path=x.path, error=str(x.error),
                              mode=mode)
     amap = model_map if at_model_size else imio.resize_map(model_map, x.height, x.width)
-    return AnomalyResult(pred_score=score, anomaly_map=amap, image_path=x.path, image=x.image, mode=mode)
+    return AnomalyResult(pred_score=score, anomaly_map=amap, image_path=x.path, image=x.image, mode=mode,
+                         image_size=(x.height, x.width))
 
 
 class Thresholds:

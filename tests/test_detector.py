@@ -1,12 +1,15 @@
-"""predict() on real images with the real offline ViT-S (untrained head): sizes, finiteness, determinism,
-batch/single equality, save/load; no network anywhere."""
+"""The detector facade: predict() on real images with the real offline ViT-S (sizes, finiteness, determinism,
+batch/single equality, save/load; no network anywhere) and the opt-in compile."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from conftest import TINY_TIMM
 from PIL import Image
 
 from visualad import AnomalyDetector, AnomalyResult
+from visualad.modes.head import HeadMode
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +85,27 @@ def test_bf16_maps_stay_close_to_fp32_on_the_default_model(real_images):
         diff = float(np.abs(a.anomaly_map - b.anomaly_map).max())
         assert 0 < diff < 0.03 * span
         assert abs(a.pred_score - b.pred_score) < 0.03
+
+
+@pytest.mark.slow
+def test_compile_opt_in_gives_the_eager_maps():
+    """compile=True (torch.compile, inductor on the CPU) computes the same function as the eager forward.
+    Marked slow: about 30 s with a cold inductor cache (fixed compiler start-up; fewer blocks do not help)."""
+    det = AnomalyDetector.from_backbone(device="cpu", dtype="fp32", pretrained_backbone=False, image_size=56,
+                                        **TINY_TIMM)
+    x = [np.random.default_rng(i).integers(0, 256, (56, 56, 3), dtype=np.uint8) for i in range(2)]
+    eager_maps, eager_scores = det.engine.score_arrays(x, HeadMode())
+    assert det.compile() is det
+    maps, scores = det.engine.score_arrays(x, HeadMode())
+    assert hasattr(det.model, "_compiled_call_impl") and det.model._compiled_call_impl is not None
+    np.testing.assert_allclose(maps, eager_maps, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(scores, eager_scores, atol=1e-5, rtol=0)
+    # weights changed after compiling (load, finetune) are seen: CPU weight freezing must not serve stale maps
+    with torch.no_grad():
+        for _, p in det.model.head_parameters():
+            p.add_(0.05)
+    edited, _ = det.engine.score_arrays(x, HeadMode())
+    det.model._compiled_call_impl = None
+    eager_edited, _ = det.engine.score_arrays(x, HeadMode())
+    assert np.abs(edited - maps).max() > 1e-3
+    np.testing.assert_allclose(edited, eager_edited, atol=1e-5, rtol=0)
