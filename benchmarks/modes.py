@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from visualad import AnomalyDetector, metrics  # noqa: E402
 from visualad.data.datasets import load_dataset, load_mask  # noqa: E402
 from visualad.modes.batch import BatchMode  # noqa: E402
+from visualad.tasks.references import draw_references  # noqa: E402
 
 CATEGORIES = {"tire": "mvtec_3d_ad_tire_rgb", "cookie": "lookout_cookies", "hazelnut": "mvtec_ad_reduced",
               "transistor": "mvtec_ad_reduced"}
@@ -51,11 +52,10 @@ def main() -> None:
     t0 = time.perf_counter()
     for cat, ds_name in CATEGORIES.items():
         test = [s for s in load_dataset(args.data / ds_name, split="test").samples if s.category == cat]
-        train = [s.image_path for s in load_dataset(args.data / ds_name, split="train").samples
-                 if s.category == cat and s.label == 0]
+        train = load_dataset(args.data / ds_name, split="train")
         rows.setdefault("head", {})[cat] = score(det, test, "head")
         for k in (1, 4, 16):
-            refs = sorted(random.Random(f"42:{cat}").sample(train, min(k, len(train))))
+            refs = draw_references(train, cat, k, seed=42)
             det.set_references(refs)
             rows.setdefault(f"references K={k}", {})[cat] = score(det, test, "references")
             det.clear_references()

@@ -49,7 +49,7 @@ def test_percentile_from_top_values_equals_numpy():
 def test_labelled_threshold_is_the_f1_max_point(echo_detector):
     normals = [20, 40, 60, 80, 100, 120]
     anomalous = [90, 110, 130, 150, 170]
-    out = echo_detector.calibrate(_constant_images(normals), _constant_images(anomalous))
+    out = echo_detector.calibrate(_constant_images(normals), _constant_images(anomalous), mode="head")
     assert out["method"] == "f1"
     scores = np.array(normals + anomalous) / 255.0
     labels = np.array([0] * 6 + [1] * 5)
@@ -64,22 +64,22 @@ def test_thresholds_label_results_and_survive_save_load(tiny_detector, tmp_path)
     rng = np.random.default_rng(0)
     normals = [rng.integers(100, 140, size=(56, 56, 3), dtype=np.uint8) for _ in range(6)]
     test = rng.integers(0, 255, size=(70, 50, 3), dtype=np.uint8)
-    before = tiny_detector.predict(test)
+    before = tiny_detector.predict(test, mode="head")
     assert before.pred_label is None and before.pred_mask is None and before.normalized_score is None
-    tiny_detector.calibrate(normals)
+    tiny_detector.calibrate(normals, mode="head")
     cfg = tiny_detector.config
-    res = tiny_detector.predict(test)
+    res = tiny_detector.predict(test, mode="head")
     assert res.pred_label == (res.pred_score >= cfg.image_threshold)
     assert res.pred_mask.shape == (70, 50) and res.pred_mask.dtype == bool
     np.testing.assert_array_equal(res.pred_mask, res.anomaly_map >= cfg.pixel_threshold)
     assert 0.0 <= res.normalized_score <= 1.0
-    at = tiny_detector.predict(test, threshold=res.pred_score)
+    at = tiny_detector.predict(test, threshold=res.pred_score, mode="head")
     assert at.pred_label is True and at.normalized_score == pytest.approx(0.5)
     d = tiny_detector.save_pretrained(tmp_path / "cal")
     loaded = AnomalyDetector.from_pretrained(d, device="cpu")
     assert loaded.config.image_threshold == cfg.image_threshold
     assert loaded.config.pixel_threshold == cfg.pixel_threshold
-    again = loaded.predict(test)
+    again = loaded.predict(test, mode="head")
     assert again.pred_label == res.pred_label and again.normalized_score == res.normalized_score
 
 
@@ -88,35 +88,35 @@ def test_thresholds_record_their_dtype_and_warn_once_in_another(tiny_detector, t
 
     normals = [np.random.default_rng(i).integers(100, 140, size=(56, 56, 3), dtype=np.uint8) for i in range(4)]
     tiny_detector.to("cpu", "fp32")
-    tiny_detector.calibrate(normals)
+    tiny_detector.calibrate(normals, mode="head")
     assert tiny_detector.config.score_stats["dtype"] == "fp32"
     d = tiny_detector.save_pretrained(tmp_path / "cal")
     with caplog.at_level(logging.WARNING, logger="visualad.runtime.postprocess"):
-        AnomalyDetector.from_pretrained(d, device="cpu", dtype="fp32").predict(normals[:2])
+        AnomalyDetector.from_pretrained(d, device="cpu", dtype="fp32").predict(normals[:2], mode="head")
         assert "calibrated in fp32" not in caplog.text
         other = AnomalyDetector.from_pretrained(d, device="cpu", dtype="bf16")
-        other.predict(normals[:3])
-        other.predict(normals[0])
+        other.predict(normals[:3], mode="head")
+        other.predict(normals[0], mode="head")
     assert caplog.text.count("calibrated in fp32 but the model runs in bf16") == 1
 
 
 def test_calibrate_refuses_bad_arguments(tiny_detector):
     with pytest.raises(ConfigError):
-        tiny_detector.calibrate([])
+        tiny_detector.calibrate([], mode="head")
     with pytest.raises(ConfigError, match="f1"):
-        tiny_detector.calibrate(_constant_images([1]), method="f1")
+        tiny_detector.calibrate(_constant_images([1]), method="f1", mode="head")
 
 
 def test_overlay_sizes_and_scales(tiny_detector):
     img = np.random.default_rng(1).integers(0, 255, size=(90, 60, 3), dtype=np.uint8)
-    res = tiny_detector.predict(img)
+    res = tiny_detector.predict(img, mode="head")
     ov = res.overlay()
     assert ov.size == (60, 90) and ov.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(res.overlay(alpha=0.0)), img)
     with pytest.raises(ValueError, match="calibrated"):
         res.overlay(scale="calibrated")
-    tiny_detector.calibrate(_constant_images([10, 20, 30]))
-    res = tiny_detector.predict(img)
+    tiny_detector.calibrate(_constant_images([10, 20, 30]), mode="head")
+    res = tiny_detector.predict(img, mode="head")
     assert res.map_range is not None
     calibrated = np.asarray(res.overlay())  # default: calibrated scale
     np.testing.assert_array_equal(calibrated, np.asarray(res.overlay(scale=res.map_range)))

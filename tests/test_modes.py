@@ -57,6 +57,20 @@ def test_mutual_distances_match_brute_force_partner_by_partner(n, m):
         torch.testing.assert_close(d[p], brute, atol=1e-5, rtol=0)
 
 
+def test_mutual_distances_index_through_the_order_without_copying_the_set():
+    f = _unit(7, 9, 8, seed=11)
+    order = torch.tensor([3, 6, 0, 5, 1, 4, 2])
+    torch.testing.assert_close(knn.mutual_distances(f, 4, order=order), knn.mutual_distances(f[order], 4),
+                               atol=0, rtol=0)
+
+
+def test_distances_to_images_match_brute_force_in_any_chunk():
+    q, imgs = _unit(9, 8, seed=12), _unit(5, 11, 8, seed=13)
+    brute = torch.stack([torch.cdist(q, im).min(dim=1).values for im in imgs])
+    for chunk in (1, 99, 10**6):
+        torch.testing.assert_close(knn.distances_to_images(q, imgs, chunk_elements=chunk), brute, atol=1e-5, rtol=0)
+
+
 def test_interval_average_is_the_mean_of_the_lowest_fraction():
     d = torch.tensor([[5.0, 1.0, 3.0, 2.0, 4.0, 9.0, 8.0, 7.0, 6.0, 0.5]]).T[None]  # [1, M=10, P=1]
     assert knn.interval_average(d, 0.1).item() == pytest.approx(0.5)
@@ -86,12 +100,23 @@ def test_batch_mode_needs_four_images_and_warns_below_sixteen(tiny_detector, cap
 
 
 def test_auto_picks_batch_for_sixteen_images_and_the_head_with_a_warning_below(tiny_detector, caplog):
+    tiny_detector.model.config.head_trained = True  # the rule for a trained head (the flag finetune sets)
     with caplog.at_level(logging.WARNING, logger="visualad.detector"):
         assert {r.mode for r in tiny_detector.predict(_images(3))} == {"head"}
     assert "transfers poorly" in caplog.text
     assert {r.mode for r in tiny_detector.predict(_images(16, 5))} == {"batch"}
     tiny_detector.set_references(_images(2, 6))
     assert {r.mode for r in tiny_detector.predict(_images(16, 5))} == {"references"}
+
+
+def test_auto_never_picks_an_untrained_head(tiny_detector, caplog):
+    assert tiny_detector.config.head_trained is False  # from_backbone: a fresh head
+    with pytest.raises(ConfigError, match="untrained.*4 or more images.*finetune"):
+        tiny_detector.predict(_images(3))
+    assert {r.mode for r in tiny_detector.predict(_images(4, 2))} == {"batch"}
+    with caplog.at_level(logging.WARNING, logger="visualad.detector"):
+        assert tiny_detector.predict(_images(1, 3), mode="head")[0].mode == "head"
+    assert "untrained head: its maps mean nothing" in caplog.text
 
 
 def test_a_patch_pasted_into_one_normal_image_gets_the_maximum_of_its_map(imgfocus_detector, shared_data):
@@ -115,6 +140,7 @@ def test_a_patch_pasted_into_one_normal_image_gets_the_maximum_of_its_map(imgfoc
 
 
 def test_zero_references_means_no_references(tiny_detector):
+    tiny_detector.model.config.head_trained = True  # so that "auto" without references is the head
     imgs = _images(3, 7)
     head = tiny_detector.predict(imgs, mode="head")
     tiny_detector.set_references([])
@@ -203,3 +229,32 @@ def test_eval_in_batch_mode_scores_each_category_as_its_own_set(tiny_detector, s
     report = tiny_detector.evaluate(shared_data / "mvtec_ad_reduced", mode="batch", progress=False)
     assert sizes == [r["n_images"] for r in report["classes"].values()] == [10, 10]
     assert {r["mode"] for r in report["classes"].values()} == {"batch"}
+
+
+def test_stream_warms_up_as_a_set_then_scores_each_image_against_its_window(tiny_detector):
+    imgs = _images(10, 21)
+    out = list(tiny_detector.stream(imgs, window=4, warmup=5, batch_size=3))
+    assert len(out) == 10 and {r.mode for r in out} == {"batch"}
+    # the warm-up images are the batch-mode scores of those five images as one set
+    first = tiny_detector.predict(imgs[:5], mode="batch", compare_with=4)
+    for a, b in zip(out[:5], first):
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-5, rtol=0)
+    # image 9 sees images 5..8 only: changing an image before its window changes nothing, inside it does
+    changed_old = list(tiny_detector.stream(imgs[:4] + _images(1, 22) + imgs[5:], window=4, warmup=5))
+    np.testing.assert_array_equal(changed_old[9].anomaly_map, out[9].anomaly_map)
+    changed_in = list(tiny_detector.stream(imgs[:8] + _images(1, 23) + imgs[9:], window=4, warmup=5))
+    assert np.abs(changed_in[9].anomaly_map - out[9].anomaly_map).max() > 1e-4
+
+
+def test_stream_keeps_order_around_broken_inputs_and_refuses_too_short_streams(tiny_detector, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    items = _images(3, 31) + [str(bad)] + _images(4, 32)
+    out = list(tiny_detector.stream(iter(items), window=8, warmup=4, on_error="return"))
+    assert [r.ok for r in out] == [True] * 3 + [False] + [True] * 4 and "bad.png" in out[3].error
+    short = list(tiny_detector.stream(_images(5, 33), window=8, warmup=16))  # ends before the warm-up: one set
+    assert len(short) == 5 and all(np.isfinite(r.pred_score) for r in short)
+    with pytest.raises(ConfigError, match="at least 4"):
+        list(tiny_detector.stream(_images(3, 34), window=8, warmup=4))
+    with pytest.raises(ConfigError, match="warmup"):
+        tiny_detector.stream(_images(3, 34), window=8, warmup=3)

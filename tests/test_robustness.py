@@ -36,7 +36,7 @@ def test_cli_turns_every_broken_input_into_an_error_row(tiny_detector, tmp_path,
     model = tiny_detector.save_pretrained(tmp_path / "m")
     d = _broken_files(tmp_path)
     out = tmp_path / "rows.jsonl"
-    code = main(["predict", str(d), "--model", str(model), "--device", "cpu", "--out", str(out), "-q"])
+    code = main(["predict", "--mode", "head", str(d), "--model", str(model), "--device", "cpu", "--out", str(out), "-q"])
     rows = {os.path.basename(r["path"]): r for r in map(json.loads, out.read_text().splitlines())}
     assert code == 2 and set(rows) == set(EXPECTED)
     for name, reason in EXPECTED.items():

@@ -16,12 +16,12 @@ def test_save_load_roundtrip_is_exact(tiny_detector, tmp_path):
     with torch.no_grad():
         for p in tiny_detector.model.head_parameters():
             p[1].add_(torch.randn_like(p[1]) * 0.01)  # not the init values
-    before = tiny_detector.predict(x)
+    before = tiny_detector.predict(x, mode="head")
     tiny_detector.save_pretrained(tmp_path / "m")
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert files == ["README.md", "backbone.safetensors", "config.json", "model.safetensors"]
     loaded = AnomalyDetector.from_pretrained(tmp_path / "m", device="cpu")
-    after = loaded.predict(x)
+    after = loaded.predict(x, mode="head")
     assert after.pred_score == before.pred_score
     np.testing.assert_array_equal(after.anomaly_map, before.anomaly_map)
     # only the trained parameters are saved

@@ -309,7 +309,8 @@ def cmd_download(args: argparse.Namespace) -> int:
     from .weights.download import download_model
 
     path = download_model(args.name, revision=args.revision)
-    print(f"{args.name}: everything is cached ({path})")
+    where = f"({path})" if path is not None else "(a backbone alone: references and batch mode)"
+    print(f"{args.name}: everything is cached {where}")
     return EXIT_OK
 
 

@@ -15,7 +15,7 @@ from .data.files import iter_image_files
 from .errors import ConfigError
 from .model import VisualAD
 from .modes import MODES
-from .modes.batch import WARN_BELOW, BatchMode
+from .modes.batch import MIN_IMAGES, WARN_BELOW, BatchMode
 from .modes.head import HeadMode
 from .modes.references import ReferenceBank, ReferencesMode
 from .progress import progress_bar
@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 #: "auto" scores a set in batch mode up to this many images at once (features are held for the whole set:
 #: about 0.8 MB an image for ViT-S at 224 px); larger inputs are scored by the head with a warning
 AUTO_BATCH_MAX = 4096
+#: what to do when the head is untrained (a backbone alone, or from_backbone before finetune)
+UNTRAINED_HEAD_HELP = (f"give a few normal images of the product (set_references / --references), or {MIN_IMAGES} or "
+                       "more images of one product together (batch mode); head mode needs a trained head: "
+                       "det.finetune('<auxiliary dataset with masks>', out_dir='my-model') or visualad finetune")
 
 
 class AnomalyDetector:
@@ -79,17 +83,22 @@ class AnomalyDetector:
     @classmethod
     def from_backbone(cls, backbone: str = "dinov2-s-imgfocus", device: Union[str, torch.device] = "auto",
                       dtype: Union[str, torch.dtype] = "auto", pretrained_backbone: bool = True,
-                      seed: Optional[int] = 111, compile: bool = False, **overrides: Any) -> "AnomalyDetector":
-        """A fresh, untrained head on a named backbone: the starting point of finetune().
+                      seed: Optional[int] = 111, compile: bool = False, cache_dir: Optional[PathLike] = None,
+                      local_files_only: Optional[bool] = None, token: Optional[str] = None,
+                      **overrides: Any) -> "AnomalyDetector":
+        """A backbone with a fresh, untrained head: a detector in references and batch mode as it is, and the
+        starting point of finetune() for head mode.
 
         ``pretrained_backbone=False`` keeps random backbone weights (tests, shape checks); ``seed`` makes
         the head's initialisation reproducible (the paper seeds 111 before building the model);
-        ``compile=True``: see :meth:`compile`.
+        ``compile=True``: see :meth:`compile`. Pinned backbone weights are fetched once, then cached.
         """
         from .store import build_model
 
-        config = VisualADConfig(backbone=backbone, backbone_pretrained=pretrained_backbone, **overrides)
-        det = cls(build_model(config, seed=seed), device=device, dtype=dtype)
+        config = VisualADConfig(backbone=backbone, backbone_pretrained=pretrained_backbone, head_trained=False,
+                                **overrides)
+        model = build_model(config, seed=seed, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        det = cls(model, device=device, dtype=dtype)
         return det.compile() if compile else det
 
     @classmethod
@@ -100,11 +109,18 @@ class AnomalyDetector:
                         compile: bool = False) -> "AnomalyDetector":
         """Load a model: None (the offline default), an alias, ``org/repo[@rev]`` or a local directory.
 
-        ``compile=True`` compiles the model's forward (:meth:`compile`): opt-in for long-running servers.
+        An alias with no published head (``"dinov2-l"``) is its pinned backbone alone: it works in references
+        and batch mode. ``compile=True`` compiles the model's forward (:meth:`compile`): opt-in for servers.
         """
-        from .weights.resolve import resolve_model_dir
+        from .weights.resolve import headless_backbone, resolve_model_dir
 
         fetch = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        backbone = headless_backbone(name_or_path)
+        if backbone is not None:
+            logger.info("%s has no trained head: the backbone %s alone, for references and batch mode",
+                        name_or_path, backbone)
+            overrides = {} if image_size is None else {"image_size": int(image_size)}
+            return cls.from_backbone(backbone, device=device, dtype=dtype, compile=compile, **fetch, **overrides)
         model_dir = resolve_model_dir(name_or_path, revision=revision, **fetch)
         det = cls.load_dir(model_dir, device=device, dtype=dtype, image_size=image_size, **fetch)
         return det.compile() if compile else det
@@ -160,7 +176,8 @@ class AnomalyDetector:
                      seed: int = 0) -> Any:
         """The scorer a call uses. ``"auto"``: references when set; else batch for a set of 16 or more images
         given together; else the head, with one warning (it transfers poorly to unseen products on small
-        backbones). A scorer object (what this returns) is used as it is."""
+        backbones). An untrained head is never chosen: "auto" takes batch mode from 4 images and otherwise
+        raises :class:`ConfigError` saying what to give. A scorer object (what this returns) is used as it is."""
         if not isinstance(mode, str):
             return mode
         if mode not in MODES:
@@ -170,8 +187,18 @@ class AnomalyDetector:
                 raise ConfigError("mode='references' needs reference images: det.set_references(normal_images) "
                                   "or predict(..., references=normal_images)")
             return ReferencesMode(self.references)
-        if mode == "batch" or (mode == "auto" and n_images is not None and WARN_BELOW <= n_images <= AUTO_BATCH_MAX):
+        trained = self.config.head_trained
+        fewest = WARN_BELOW if trained else MIN_IMAGES
+        if mode == "batch" or (mode == "auto" and n_images is not None and fewest <= n_images <= AUTO_BATCH_MAX):
             return BatchMode(compare_with=compare_with, seed=seed)
+        if not trained:
+            if mode == "auto":
+                raise ConfigError(f"this model's head is untrained, so there is no mode to pick for "
+                                  f"{'a stream' if n_images is None else n_images} image(s): {UNTRAINED_HEAD_HELP}")
+            if not self._warned_head:
+                self._warned_head = True
+                logger.warning("head mode on an untrained head: its maps mean nothing; %s", UNTRAINED_HEAD_HELP)
+            return HeadMode()
         if mode == "auto" and not self._warned_head:
             self._warned_head = True
             why = (f"only {n_images} image(s) given together" if n_images is not None and n_images < WARN_BELOW
@@ -254,6 +281,16 @@ class AnomalyDetector:
             bar.update(1)
             yield res
         bar.close()
+
+    def stream(self, images: Iterable[Any], window: int = 64, warmup: int = 16, seed: int = 0,
+               batch_size: int = 1, **kwargs: Any) -> Iterator[AnomalyResult]:
+        """Score an unlabeled stream of one product (a line camera): each image against the last ``window``
+        images (batch mode over a rolling window). The first ``warmup`` images come out together, scored
+        against each other; then each image as soon as it is read. Other keyword arguments as
+        :meth:`predict_iter`; see :mod:`visualad.modes.stream`."""
+        from .modes.stream import StreamMode
+
+        return self.predict_iter(images, batch_size=batch_size, mode=StreamMode(window, warmup, seed), **kwargs)
 
     # --- tasks ---------------------------------------------------------------------------------------
     def calibrate(self, normal_images: Any, anomalous_images: Any = None, masks: Any = None, method: str = "auto",

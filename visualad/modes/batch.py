@@ -69,7 +69,7 @@ class BatchMode:
         order = torch.tensor(self.order(digests))
         total = None
         for f in features.values():
-            d = knn.mutual_distances(f[order.to(f.device)], self.compare_with)
+            d = knn.mutual_distances(f, self.compare_with, order=order)
             s = knn.interval_average(d, self.fraction)
             total = s if total is None else total + s
         grid_in_order = total / len(features)

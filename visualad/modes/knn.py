@@ -8,7 +8,7 @@ that memory stays bounded whatever the number of images.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ DEFAULT_R: Tuple[int, ...] = (1, 3)
 #: the interval average: the mean of the lowest fraction of an image's distances to the other images
 DEFAULT_FRACTION = 0.1
 CHUNK_ELEMENTS = 1 << 24  # similarity-matrix elements per chunk (64 MB in fp32)
+#: similarities per block of image pairs in mutual scoring (8 MB): larger blocks leave the cache and were
+#: measured 2x slower per image on ViT-S at 224 px (benchmarks/mode_speed.py)
+PAIR_BLOCK_ELEMENTS = 1 << 21
 
 
 def blocks_for_depth(depth: int, fractions: Sequence[float] = DEFAULT_BLOCK_FRACTIONS) -> Tuple[int, ...]:
@@ -57,12 +60,26 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: 
     return to_distance(out)
 
 
+def distances_to_images(query: torch.Tensor, images: torch.Tensor,
+                        chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Nearest-patch distance of each query patch [P, C] in each of ``images`` [W, Q, C] -> [W, P] fp32,
+    a block of images at a time (memory bounded by ``chunk_elements`` similarities)."""
+    q = query.float()
+    w, n, _ = images.shape
+    out = torch.empty(w, q.shape[0], device=q.device, dtype=torch.float32)
+    block = max(1, chunk_elements // max(1, q.shape[0] * n))
+    for s in range(0, w, block):
+        sim = torch.matmul(images[s:s + block].float(), q.t())  # [b, Q, P]
+        out[s:s + block] = sim.amax(dim=1)
+    return to_distance(out)
+
+
 def interval_average(distances: torch.Tensor, fraction: float = DEFAULT_FRACTION) -> torch.Tensor:
     """[..., M, P] distances of each patch to M other images -> [..., P]: mean of the lowest
     ``k = max(1, floor(fraction * M))`` (sorted first, so the result does not depend on the images' order)."""
     m = distances.shape[-2]
     k = max(1, int(math.floor(fraction * m)))
-    return distances.sort(dim=-2).values[..., :k, :].mean(dim=-2)
+    return distances.topk(k, dim=-2, largest=False, sorted=True).values.mean(dim=-2)
 
 
 def partner_offsets(n: int, compare_with: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
@@ -75,26 +92,28 @@ def partner_offsets(n: int, compare_with: int) -> Tuple[Tuple[int, ...], Tuple[i
     return both, forward
 
 
-def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: int = 0) -> torch.Tensor:
-    """Mutual scoring of a set: features [N, P, C] (unit rows, the set in its comparison order) -> [N, M, P],
-    each patch's nearest distance in each of its M = min(compare_with, N - 1) partner images.
+def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: int = 0,
+                     order: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mutual scoring of a set: features [N, P, C] (unit rows) -> [N, M, P] in comparison order, each patch's
+    nearest distance in each of its M = min(compare_with, N - 1) partner images.
 
-    One batched product per offset and block of images gives both directions of a pair (row maxima for p,
-    column maxima for its partner), so the work is N * M / 2 pair products; memory is the output plus one
-    block of [b, P, P] similarities."""
+    ``order`` (a permutation of the N images, default as given) is the comparison order: row i of the output
+    is image ``order[i]``; the features are indexed through it, never copied whole. One batched product per
+    offset and block of images gives both directions of a pair (row maxima for p, column maxima for its
+    partner), so the work is N * M / 2 pair products; memory is the output plus one block of similarities."""
     n, p, _ = features.shape
     both, forward = partner_offsets(n, compare_with)
     m = 2 * len(both) + len(forward)
     out = torch.empty(n, m, p, device=features.device, dtype=torch.float32)
-    f = features.float()
-    block = chunk_images or max(1, CHUNK_ELEMENTS // max(1, p * p))
-    idx = torch.arange(n, device=f.device)
+    block = chunk_images or max(1, PAIR_BLOCK_ELEMENTS // max(1, p * p))
+    idx = torch.arange(n, device=features.device)
+    order = idx if order is None else order.to(features.device)
     slot = 0
     for d in both + forward:
         for s in range(0, n, block):
             rows = idx[s:s + block]
             partners = (rows + d) % n
-            sim = torch.bmm(f[rows], f[partners].transpose(1, 2))  # [b, P, P]
+            sim = torch.bmm(features[order[rows]].float(), features[order[partners]].float().transpose(1, 2))
             out[rows, slot] = to_distance(sim.amax(dim=2))
             if d in both:
                 out[partners, slot + 1] = to_distance(sim.amax(dim=1))

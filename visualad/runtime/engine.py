@@ -7,7 +7,8 @@ Tasks (calibrate, evaluate, reference banks, finetune) take an Engine; none reac
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from collections import deque
+from typing import Any, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -82,9 +83,13 @@ class Engine:
     def run(self, items: Iterable[Any], mode: Any, batch_size: int = 8, *, keep_image: bool = False,
             on_error: str = "return") -> Iterator[Tuple[Loaded, Optional[np.ndarray], float]]:
         """(input, model-size map or None, score) per input, in order, a batch at a time; a set mode
-        (batch) first reads the whole set's features, then yields."""
+        (batch) first reads the whole set's features, then yields; a stream mode yields each input once it is
+        scored against the recent ones."""
         if hasattr(mode, "score_set"):
             yield from self._run_set(items, mode, batch_size, keep_image=keep_image, on_error=on_error)
+            return
+        if hasattr(mode, "feed"):
+            yield from self._run_stream(items, mode, batch_size, keep_image=keep_image, on_error=on_error)
             return
         for chunk in self.read(items, batch_size, keep_image=keep_image, on_error=on_error):
             good = [x for x in chunk if x.ok]
@@ -118,8 +123,8 @@ class Engine:
                 x.square = None  # only the features are kept for the set
             loaded += chunk
         with torch.inference_mode():
-            grids = mode.score_set({k: torch.cat(v) for k, v in parts.items() if v}, digests)  # good inputs, in order
-            del parts
+            # one key at a time, so the per-batch pieces and the whole set never coexist
+            grids = mode.score_set({k: torch.cat(parts.pop(k)) for k in list(parts) if parts[k]}, digests)
             done = 0
             for s in range(0, len(loaded), batch_size):
                 chunk = loaded[s:s + batch_size]
@@ -136,3 +141,34 @@ class Engine:
                         j += 1
                     else:
                         yield x, None, float("nan")
+
+    def _run_stream(self, items: Iterable[Any], mode: Any, batch_size: int, *, keep_image: bool,
+                    on_error: str) -> Iterator[Tuple[Loaded, Optional[np.ndarray], float]]:
+        blocks = mode.blocks_for(self.model.backbone.depth)
+        waiting: Deque[Loaded] = deque()  # inputs in arrival order whose result is not out yet (errors too)
+        ready: Deque[torch.Tensor] = deque()  # grids of the first waiting inputs that are ok
+
+        def emit() -> Iterator[Tuple[Loaded, Optional[np.ndarray], float]]:
+            while waiting and (not waiting[0].ok or ready):
+                x = waiting.popleft()
+                if not x.ok:
+                    yield x, None, float("nan")
+                    continue
+                with torch.inference_mode():
+                    m = self.model.grid_to_map(ready.popleft()[None])[0]
+                yield x, m.cpu().numpy(), float(m.max())
+
+        for chunk in self.read(items, batch_size, keep_image=keep_image, on_error=on_error):
+            good = [x for x in chunk if x.ok]
+            waiting.extend(chunk)
+            if good:
+                feats = self.backbone_features(self.to_batch([x.square for x in good]), blocks)
+                with torch.inference_mode():
+                    unit = {(b, r): knn.lnamd(f, r) for b, f in zip(blocks, feats) for r in mode.rs}
+                    for i, x in enumerate(good):
+                        ready.extend(mode.feed({k: v[i] for k, v in unit.items()}, image_digest(x.square)))
+                        x.square = None
+            yield from emit()
+        with torch.inference_mode():
+            ready.extend(mode.flush())
+        yield from emit()

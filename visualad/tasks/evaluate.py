@@ -4,14 +4,14 @@ By default maps are scored at the model's input size with masks resized the auth
 protocol, method doc §7); ``at_original_resolution`` scores each map at its image's own size instead.
 Each category is scored in one mode, recorded in its row: references (K normal train images, never test
 images), batch (the category's test images as one set; categories never mix) or the head; ``"auto"`` takes
-references when ``shots > 0``, else batch for a category of 16 or more test images, else the head.
+references when ``shots > 0``, else batch for a category of 16 or more test images (4 when the head is
+untrained), else the head.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -22,14 +22,14 @@ from .. import metrics
 from ..atomic import atomic_write_json
 from ..data import images as imio
 from ..data.datasets import Sample, load_dataset, load_mask
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError
 from ..modes import MODES
-from ..modes.batch import WARN_BELOW, BatchMode
+from ..modes.batch import MIN_IMAGES, WARN_BELOW, BatchMode
 from ..modes.head import HeadMode
 from ..modes.references import ReferencesMode
 from ..progress import progress_bar
 from ..runtime.engine import Engine
-from .references import build_references
+from .references import build_references, draw_references
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +87,16 @@ def _category_mode(engine: Engine, mode: str, samples: List[Sample], train: Any,
                    seed: int, batch_size: int, compare_with: int) -> Tuple[Any, Optional[int]]:
     """The scorer of one category and the number of references it really used (None: no references)."""
     if train is not None:
-        refs = _reference_images(train, category, shots, seed)
+        refs = draw_references(train, category, shots, seed)
         if len(refs) < shots:
             logger.warning("%s: %d shots asked, only %d normal train images: using %d", category, shots,
                            len(refs), len(refs))
         return ReferencesMode(build_references(engine, refs, batch_size=batch_size)), len(refs)
-    if mode == "batch" or (mode == "auto" and len(samples) >= WARN_BELOW):
+    trained = engine.model.config.head_trained
+    if mode == "batch" or (mode == "auto" and len(samples) >= (WARN_BELOW if trained else MIN_IMAGES)):
         return BatchMode(compare_with=compare_with, seed=seed), None
+    if not trained:
+        logger.warning("%s: head mode on an untrained head: its metrics measure a random initialisation", category)
     return HeadMode(), None
 
 
@@ -130,15 +133,6 @@ def _evaluate_category(engine: Engine, scorer: Any, samples: List[Sample], batch
     row.update({"pixel_auroc": pix["auroc"], "pixel_ap": pix["ap"], "pixel_f1_max": pix["f1_max"],
                 "pixel_aupro": pix["aupro"]})
     return row
-
-
-def _reference_images(train: Any, category: str, shots: int, seed: int) -> List[Path]:
-    """K normal images of the category's train split, drawn with a fixed seed (never from the test split)."""
-    pool = [s.image_path for s in train.samples if s.category == category and s.label == 0]
-    if not pool:
-        raise DatasetError(f"{category}: --shots needs normal images in its train split")
-    rng = random.Random(f"{seed}:{category}")
-    return sorted(rng.sample(pool, min(shots, len(pool))))
 
 
 def _nanmean(values: List[float]) -> float:

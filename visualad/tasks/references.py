@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+import random
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DatasetError
 from ..modes import knn
 from ..modes.references import ReferenceBank, build_bank, image_digest
 from ..runtime.engine import Engine
@@ -38,3 +40,13 @@ def build_references(engine: Engine, items: Sequence[Any], batch_size: int = 8,
     logger.info("reference bank: %d images, blocks %s, r %s, %.1f MB", bank.shots, blocks, tuple(rs),
                 bank.nbytes / 2**20)
     return bank
+
+
+def draw_references(train: Any, category: str, shots: int, seed: int = 42) -> List[Path]:
+    """K normal images of a category's train split (a loaded dataset), drawn with a fixed seed: what
+    ``visualad eval --shots K`` uses, and the benchmarks with it (never from the test split)."""
+    pool = [s.image_path for s in train.samples if s.category == category and s.label == 0]
+    if not pool:
+        raise DatasetError(f"{category}: --shots needs normal images in its train split")
+    rng = random.Random(f"{seed}:{category}")
+    return sorted(rng.sample(pool, min(shots, len(pool))))

@@ -530,6 +530,7 @@ def finetune(engine: "Engine", aux: PathLike, out_dir: Optional[PathLike] = None
 
     training_data = dict(data.stats, epochs=config.epochs, seed=config.seed)
     model.config.metadata["training_data"] = training_data
+    model.config.head_trained = True
     report = {
         "data": data.stats, "epochs": config.epochs, "steps": steps_per_epoch * config.epochs,
         "steps_per_epoch": steps_per_epoch, "skipped_steps": skipped, "seed": config.seed,

@@ -248,6 +248,32 @@ def _remove_cached(pointer: Path) -> None:
         logger.debug("removed %s from the cache", target)
 
 
+def git_blob_sha1(path: PathLike) -> str:
+    """Git's object id of a file: sha1 over ``blob <size>\\0`` and the bytes (the Hub's ETag of small files)."""
+    digest = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())  # noqa: S324 - git's id, not security
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify_hub_digest(path: Path, source: str, fail: Any) -> None:
+    """A Hub file with no pin of ours is checked against the digest the Hub stated for it, which
+    huggingface_hub keeps as the blob's name: the LFS sha256 (64 hex) or, for small files, the git sha1 (40)."""
+    blob = path.resolve()
+    name = blob.name
+    if blob.parent.name != "blobs" or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", name):
+        return  # not in a Hub cache layout: nothing stated to check against
+    marker = _marker_file() / f"hub-{name}"
+    if _verified_before(blob, name, marker):
+        return
+    actual = sha256_file(blob) if len(name) == 64 else git_blob_sha1(blob)
+    if actual != name:
+        fail(f"{source}: the file does not match the digest the Hub stated for it ({name}; got {actual}). The "
+             "download is corrupted; it was removed from the cache, retry.")
+    _record_verified(blob, name, marker)
+
+
 def _verify_file(path: Path, *, source: str, sha256: Optional[str], size: Optional[int],
                  on_bad: Any = None) -> None:
     """Refuse LFS pointers; check size then sha256. ``on_bad()`` runs before raising (cache cleanup)."""
@@ -263,16 +289,18 @@ def _verify_file(path: Path, *, source: str, sha256: Optional[str], size: Option
     if size is not None and actual_size != size:
         fail(f"{source}: size mismatch: expected {size} bytes, got {actual_size} bytes. The download is "
              "incomplete or not the pinned file; it was removed from the cache, retry.")
-    if sha256 is not None:
-        marker = _marker_file() / sha256
-        resolved = path.resolve()
-        if _verified_before(resolved, sha256, marker):
-            return
-        actual = sha256_file(path)
-        if actual != sha256:
-            fail(f"{source}: sha256 mismatch: expected {sha256}, got {actual} ({actual_size} bytes). The file is "
-                 "corrupted or not the pinned one; it was removed from the cache, retry.")
-        _record_verified(resolved, sha256, marker)
+    if sha256 is None:
+        _verify_hub_digest(path, source, fail)
+        return
+    marker = _marker_file() / sha256
+    resolved = path.resolve()
+    if _verified_before(resolved, sha256, marker):
+        return
+    actual = sha256_file(path)
+    if actual != sha256:
+        fail(f"{source}: sha256 mismatch: expected {sha256}, got {actual} ({actual_size} bytes). The file is "
+             "corrupted or not the pinned one; it was removed from the cache, retry.")
+    _record_verified(resolved, sha256, marker)
 
 
 def hub_download(

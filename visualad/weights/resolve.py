@@ -37,6 +37,19 @@ def resolve_model_dir(name_or_path: Optional[PathLike], *, revision: Optional[st
     )
 
 
+def headless_backbone(name_or_path: Optional[PathLike]) -> Optional[str]:
+    """The backbone of a manifest model that has no published head (it runs in references and batch mode);
+    None for anything else."""
+    if name_or_path is None or Path(name_or_path).is_dir():
+        return None
+    manifest = load_manifest()
+    key = manifest.canonical(os.fspath(name_or_path))
+    entry = manifest.models.get(key)
+    if entry is None or entry.get("head"):
+        return None
+    return entry["backbone"]
+
+
 def _from_entry(entry: Dict[str, Any], revision: Optional[str], cache_dir: Optional[PathLike],
                 local_files_only: Optional[bool], token: Optional[str]) -> Path:
     head = entry.get("head") or {}

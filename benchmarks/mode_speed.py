@@ -1,0 +1,164 @@
+"""Speed and peak memory of the references and batch modes, as ratios to the plain backbone measured in the
+same run, on the same batch, in the same dtype.
+
+    python benchmarks/mode_speed.py [--dtype fp32] [--size 224] [--counts 64 256 1024] [--compare-with 64]
+
+- ``references``: 16 reference images; one batch of 8 scored (``Engine.score``: backbone to the feature block,
+  nearest reference patches, upsampling, blur) against one full plain backbone forward of that batch (timm's
+  ``forward_features`` on the frozen DINOv2-S/14). Target: at most 1.0x.
+- ``batch 64``: 64 images through ``Engine.run`` in batch mode (read-ahead, features, mutual scoring, maps)
+  against the plain backbone forward of those 64 (batches of 8). Target: at most 1.5x.
+- ``batch N``: per-image seconds of batch mode at ``compare_with=64`` for each N, as a ratio to the smallest N
+  (target: flat), and each run's peak RSS (its own subprocess).
+- ``stream``: ``det.stream(window=64)`` one image at a time (batch_size 1, a line camera): seconds per image
+  once the window is full, against the plain backbone forward of one image.
+
+Inputs are random 224 px images (content does not change the work); the model is the offline default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from visualad import AnomalyDetector  # noqa: E402
+from visualad.modes.batch import BatchMode  # noqa: E402
+
+BATCH = 8
+SHOTS = 16
+
+
+def _median_time(fn: Callable[[], Any], reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _images(n: int, size: int, seed: int) -> List[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _detector(args: argparse.Namespace) -> AnomalyDetector:
+    return AnomalyDetector.from_pretrained("dinov2-s-imgfocus", device="cpu", dtype=args.dtype, image_size=args.size)
+
+
+def _plain_forward(det: AnomalyDetector, x: torch.Tensor) -> None:
+    with torch.inference_mode(), det.engine.autocast():
+        det.model.backbone.vit.forward_features(x)
+
+
+def child_references(args: argparse.Namespace) -> Dict[str, float]:
+    det = _detector(args)
+    det.set_references(_images(SHOTS, args.size, 1))
+    mode = det.scoring_mode("references")
+    x = det.engine.to_batch(_images(BATCH, args.size, 2))
+    plain = _median_time(lambda: _plain_forward(det, x), args.reps)
+    ours = _median_time(lambda: det.engine.score(x, mode), args.reps)
+    return {"plain_s": plain / BATCH, "ours_s": ours / BATCH}
+
+
+def child_batch(args: argparse.Namespace) -> Dict[str, float]:
+    det = _detector(args)
+    images = _images(args.n, args.size, 3)
+    mode = BatchMode(compare_with=args.compare_with)
+    out: Dict[str, float] = {}
+    if args.with_plain:
+        xs = [det.engine.to_batch(images[s:s + BATCH]) for s in range(0, args.n, BATCH)]
+        out["plain_s"] = _median_time(lambda: [_plain_forward(det, x) for x in xs], args.reps) / args.n
+        del xs
+
+    def run() -> None:
+        for _ in det.engine.run(images, mode, batch_size=BATCH):
+            pass
+
+    t = time.perf_counter()
+    run()  # one run: N = 1024 takes minutes on two cores
+    out["ours_s"] = (time.perf_counter() - t) / args.n
+    return out
+
+
+def child_stream(args: argparse.Namespace) -> Dict[str, float]:
+    det = _detector(args)
+    images = _images(args.n, args.size, 4)
+    x = det.engine.to_batch(images[:1])
+    plain = _median_time(lambda: _plain_forward(det, x), args.reps)
+    stamps = [time.perf_counter() for _ in det.stream(images, window=args.window, warmup=16, batch_size=1)]
+    full = args.window  # from here on every image meets a full window
+    return {"plain_s": plain, "ours_s": (stamps[-1] - stamps[full]) / (len(stamps) - 1 - full)}
+
+
+def _spawn(kind: str, args: argparse.Namespace, **extra: Any) -> Dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", kind, "--dtype", args.dtype, "--size", str(args.size),
+           "--reps", str(args.reps), "--compare-with", str(args.compare_with), "--window", str(args.window)]
+    for k, v in extra.items():
+        if v is False:
+            continue
+        cmd += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--counts", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--compare-with", type=int, default=64)
+    ap.add_argument("--child", choices=["references", "batch", "stream"])
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--with-plain", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args.child:
+        res = {"references": child_references, "batch": child_batch, "stream": child_stream}[args.child](args)
+        res["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res))
+        return
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {args.size} px, "
+          f"dinov2-s-imgfocus (12 blocks; references and batch stop at block 7)")
+    r = _spawn("references", args)
+    print(f"references ({SHOTS} refs, batch {BATCH}): {r['ours_s'] * 1e3:.1f} ms/img, plain backbone "
+          f"{r['plain_s'] * 1e3:.1f} ms/img, ratio {r['ours_s'] / r['plain_s']:.3f} (target <= 1.0)")
+    per_image: Dict[int, float] = {}
+    for n in sorted(args.counts):
+        b = _spawn("batch", args, n=n, with_plain=(n == 64))
+        per_image[n] = b["ours_s"]
+        line = f"batch N={n:5d}, compare_with={args.compare_with}: {b['ours_s'] * 1e3:.1f} ms/img, " \
+               f"peak RSS {b['peak_mib']:.0f} MiB"
+        if "plain_s" in b:
+            line += f"; plain backbone {b['plain_s'] * 1e3:.1f} ms/img, ratio {b['ours_s'] / b['plain_s']:.3f} " \
+                    "(target <= 1.5)"
+        print(line, flush=True)
+    st = _spawn("stream", args, n=args.window + 48)
+    print(f"stream (window {args.window}, one image at a time): {st['ours_s'] * 1e3:.1f} ms/img once the window "
+          f"is full; plain backbone {st['plain_s'] * 1e3:.1f} ms/img at batch 1, ratio "
+          f"{st['ours_s'] / st['plain_s']:.3f}")
+    base = min(per_image)
+    for n, s in per_image.items():
+        print(f"per-image cost N={n} / N={base}: {s / per_image[base]:.3f} (target: flat)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Batch mode over a rolling window, for line cameras: each new image is scored against the last ``window``
+unlabeled images of the same product (the mutual-scoring function of :mod:`visualad.modes.batch`, with the
+set replaced by the recent past).
+
+The first ``warmup`` images are held back and scored against each other as one set (they have no past);
+after that every image is scored as it arrives. Cost per image after warm-up: one backbone forward to the
+feature block plus ``window`` image-to-image patch products per r (docs/modes.md has the measured figures).
+Results are recorded as batch mode (``describe()`` adds the window), so batch-mode thresholds apply.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import ConfigError
+from . import knn
+from .batch import MIN_IMAGES, NAME, BatchMode
+
+Features = Dict[Tuple[int, int], torch.Tensor]  # (block, r) -> [P, C] unit rows of one image
+
+
+class StreamMode:
+    """Rolling-window state: :meth:`feed` takes one image's features and returns the grids now ready."""
+
+    name = NAME
+
+    def __init__(self, window: int = 64, warmup: int = 16, seed: int = 0, blocks: Optional[Sequence[int]] = None,
+                 rs: Sequence[int] = knn.DEFAULT_R, fraction: float = knn.DEFAULT_FRACTION) -> None:
+        if int(window) < MIN_IMAGES - 1:
+            raise ConfigError(f"window must be >= {MIN_IMAGES - 1}, got {window!r}")
+        if int(warmup) < MIN_IMAGES:
+            raise ConfigError(f"warmup must be >= {MIN_IMAGES} (the fewest images batch mode scores), got {warmup!r}")
+        self.window, self.warmup = int(window), int(warmup)
+        self._set = BatchMode(compare_with=self.window, seed=seed, blocks=blocks, rs=rs, fraction=fraction)
+        self._past: Deque[Features] = deque(maxlen=self.window)
+        self._held: List[Tuple[Features, str]] = []
+
+    @property
+    def rs(self) -> Tuple[int, ...]:
+        return self._set.rs
+
+    def blocks_for(self, depth: int) -> Tuple[int, ...]:
+        return self._set.blocks_for(depth)
+
+    def feed(self, features: Features, digest: str) -> List[torch.Tensor]:
+        """Grids [g, g] of the images now scored, in arrival order: none while warming up, then the held
+        images at once, then one per image."""
+        if self._past:  # warmed up (the held images moved to the past)
+            grid = self._against_past(features)
+            self._past.append(features)
+            return [grid]
+        self._held.append((features, digest))
+        return self.flush() if len(self._held) >= self.warmup else []
+
+    def flush(self) -> List[torch.Tensor]:
+        """Score the held images as one set (the end of a stream shorter than the warm-up)."""
+        if not self._held:
+            return []
+        held, self._held = self._held, []
+        keys = list(held[0][0])
+        grids = self._set.score_set({k: torch.stack([f[k] for f, _ in held]) for k in keys}, [d for _, d in held])
+        self._past.extend(f for f, _ in held)
+        return list(grids)
+
+    def _against_past(self, features: Features) -> torch.Tensor:
+        total = None
+        for key, f in features.items():
+            bank = torch.stack([p[key] for p in self._past])  # [W, P, C]
+            d = knn.distances_to_images(f, bank)  # [W, P]
+            s = knn.interval_average(d, self._set.fraction)
+            total = s if total is None else total + s
+        grid = total / len(features)
+        g = int(round(math.sqrt(grid.numel())))
+        return grid.view(g, g)
+
+    def describe(self) -> dict:
+        return {"mode": NAME, "window": self.window, "warmup": self.warmup, "seed": self._set.seed}
