@@ -303,7 +303,7 @@ def test_url_lfs_pointer_refused(hub, tmp_path):
     assert not folder.exists() or list(folder.iterdir()) == []
 
 
-def test_url_not_found_and_unreachable(hub):
+def test_url_not_found_and_unreachable(hub, tmp_path):
     with pytest.raises(WeightsError, match="HTTP 404"):
         H.url_download(hub.hub_url + "/gh/missing.pth", sha256=sha256_hex(WEIGHTS))
     import socket
@@ -311,8 +311,11 @@ def test_url_not_found_and_unreachable(hub):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(WeightsError, match="could not reach"):
+    with pytest.raises(WeightsError, match="could not reach") as info:
         H.url_download(f"http://127.0.0.1:{port}/x.pth", sha256=sha256_hex(WEIGHTS))
+    # the advice says where the file must go, and that it is checked there
+    target = tmp_path / "va" / "downloads" / sha256_hex(WEIGHTS) / "x.pth"
+    assert f"copy it to {target}" in str(info.value) and sha256_hex(WEIGHTS) in str(info.value)
 
 
 def test_url_corrupted_cache_is_redownloaded(hub, tmp_path):

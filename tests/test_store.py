@@ -32,6 +32,15 @@ def test_save_load_roundtrip_is_exact(tiny_detector, tmp_path):
     assert set(saved) == set(dict(tiny_detector.model.head_parameters()))
 
 
+def _rehash(d):
+    """Record the current digests in config.json, as a consistent save of these files would."""
+    import hashlib
+
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["files"] = {name: hashlib.sha256((d / name).read_bytes()).hexdigest() for name in cfg["files"]}
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
 def test_strict_loading_names_missing_and_unexpected_keys(tiny_detector, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -40,6 +49,9 @@ def test_strict_loading_names_missing_and_unexpected_keys(tiny_detector, tmp_pat
     state.pop("encoder.normal_token")
     state["sca.layer_9.extra"] = torch.zeros(1)
     save_file(state, d / "model.safetensors")
+    with pytest.raises(WeightsError, match="does not match the digest config.json records"):
+        AnomalyDetector.from_pretrained(d, device="cpu")
+    _rehash(d)
     with pytest.raises(WeightsError, match=r"encoder\.normal_token.*sca\.layer_9\.extra"):
         AnomalyDetector.from_pretrained(d, device="cpu")
 
@@ -48,9 +60,11 @@ def test_corrupted_files_and_newer_schema_give_clear_errors(tiny_detector, tmp_p
     d = tiny_detector.save_pretrained(tmp_path / "m")
     raw = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    _rehash(d)
     with pytest.raises(WeightsError, match="corrupted or truncated"):
         AnomalyDetector.from_pretrained(d, device="cpu")
     (d / "model.safetensors").write_bytes(raw)
+    _rehash(d)
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "schema_version": 99}))
     with pytest.raises(ConfigError, match="newer"):

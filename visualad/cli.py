@@ -6,7 +6,9 @@ import glob
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="image threshold overriding the calibrated one")
     p.add_argument("--references", type=Path, default=None,
                    help="folder of normal reference images of the same product (references mode)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an earlier, killed run with the same --out (inputs unchanged since) and "
+                        "score only the rest")
     _mode_args(p)
     _common(p)
 
@@ -189,44 +194,90 @@ def _references(det, folder: Optional[Path]) -> None:
     det.set_references(refs)
 
 
-def _announce_mode(command: str, scorer, n: int) -> None:
-    why = {"references": "normal reference images are set", "head": "the trained head",
+def _announce_mode(args: argparse.Namespace, det, scorer, n: int) -> None:
+    if args.quiet:
+        return
+    why = {"references": "normal reference images are set",
+           "head": "the trained head" if det.config.head_trained else "an untrained head, as asked",
            "batch": f"{n} images scored against each other"}[scorer.name]
-    print(f"visualad {command}: {scorer.name} mode ({why})", file=sys.stderr)
+    print(f"visualad {args.command}: {scorer.name} mode ({why})", file=sys.stderr)
+
+
+def overlay_targets(inputs: Sequence[tuple], folder: Path) -> List[Path]:
+    """Where each input's overlay goes: its path under ``folder`` (relative to the folder it was found in) with
+    ``.png``; inputs that would share a name (``a.png`` and ``a.jpg``) keep their extension (``a.jpg.png``)."""
+    rel = [p.relative_to(base) if base is not None else Path(p.name) for p, base in inputs]
+    plain = [folder / r.with_suffix(".png") for r in rel]
+    counts: dict = {}
+    for t in plain:
+        counts[t] = counts.get(t, 0) + 1
+    return [t if counts[t] == 1 else folder / r.with_name(r.name + ".png") for t, r in zip(plain, rel)]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .atomic import atomic_open
+    from .rows import RowWriter, input_key
 
-    det = _load_detector(args)
-    _references(det, args.references)
+    if args.resume and args.out is None:
+        raise VisualADError("--resume needs --out (the file whose rows are kept)")
     inputs = list(expand_paths(args.paths))
-    files = [f for f, _ in inputs]
-    if not files:
+    if not inputs:
         raise VisualADError("no images found under " + ", ".join(args.paths))
-    scorer = det.scoring_mode(args.mode, len(files), compare_with=args.compare_with)
-    _announce_mode("predict", scorer, len(files))
-    failed = 0
-    out_ctx = atomic_open(args.out, "w") if args.out else _Stdout()
-    with out_ctx as fh:
-        results = det.predict_iter(files, batch_size=args.batch_size, threshold=args.threshold, on_error="return",
-                                   keep_image=args.overlays is not None, progress=not args.quiet, mode=scorer,
-                                   at_model_size=args.overlays is None)  # no full-size map nobody reads
-        for (path, base), res in zip(inputs, results):
-            if res.image_path is None:
-                res.image_path = str(path)
-            if res.error:
-                failed += 1
-            elif args.overlays is not None:
-                rel = path.relative_to(base) if base is not None else Path(path.name)
-                target = (args.overlays / rel).with_suffix(".png")
-                _save_png(res.overlay(), target)
-                res.image = None
-            fh.write(json.dumps(res.to_dict()) + "\n")
+    if args.overlays is not None:
+        args.overlays.mkdir(parents=True, exist_ok=True)  # an unusable folder is one error, not one per row
+    keys = [input_key(p) for p, _ in inputs]
+    writer = RowWriter(args.out, resume=args.resume, inputs=keys) if args.out else None
+    try:
+        failed = _predict_rows(args, inputs, keys, writer)
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
+    if writer is not None:
+        writer.commit()
     if failed:
-        print(f"visualad predict: {failed} of {len(files)} inputs failed (see the 'error' fields)", file=sys.stderr)
+        print(f"visualad predict: {failed} of {len(inputs)} inputs failed (see the 'error' fields)", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, writer) -> int:
+    """Score the inputs not kept by ``--resume``; write a row each (and an overlay); return how many failed."""
+    todo = [i for i, k in enumerate(keys) if writer is None or not writer.done(k)]
+    if writer is not None and writer.kept:
+        print(f"visualad predict: --resume keeps {len(writer.kept)} rows, {len(todo)} inputs left", file=sys.stderr)
+    if not todo:
+        return 0
+    det = _load_detector(args)
+    _references(det, args.references)
+    scorer = det.scoring_mode(args.mode, len(todo), compare_with=args.compare_with)
+    if scorer.name == "batch" and writer is not None and writer.kept:
+        raise VisualADError("--resume works in head and references mode: batch mode scores the whole set "
+                            "together; run again without --resume")
+    _announce_mode(args, det, scorer, len(todo))
+    targets = overlay_targets(inputs, args.overlays) if args.overlays is not None else None
+    failed = 0
+    results = det.predict_iter([inputs[i][0] for i in todo], batch_size=args.batch_size, threshold=args.threshold,
+                               on_error="return", keep_image=targets is not None, progress=not args.quiet,
+                               mode=scorer, at_model_size=targets is None)  # no full-size map nobody reads
+    for i, res in zip(todo, results):
+        path = inputs[i][0]
+        if res.image_path is None:
+            res.image_path = str(path)
+        if res.ok and targets is not None:
+            try:
+                _save_png(res.overlay(), targets[i])
+            except (OSError, ValueError) as exc:  # a full disk or an unwritable folder fails this row only
+                res.error = f"overlay not written to {targets[i]}: {getattr(exc, 'strerror', None) or exc}"
+            res.image = None
+        failed += not res.ok
+        row = res.to_dict()
+        if keys[i] is not None:
+            row["file_size"], row["file_mtime_ns"] = keys[i][1], keys[i][2]
+        if writer is not None:
+            writer.write(row)
+        else:
+            print(json.dumps(row), flush=True)
+    return failed
 
 
 def _save_png(image, target: Path) -> None:
@@ -234,14 +285,6 @@ def _save_png(image, target: Path) -> None:
 
     with atomic_open(target, "wb") as fh:
         image.save(fh, format="PNG")
-
-
-class _Stdout:
-    def __enter__(self):
-        return sys.stdout
-
-    def __exit__(self, *exc) -> None:
-        sys.stdout.flush()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -287,7 +330,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _references(det, args.references)
     kwargs = {} if args.percentile is None else {"percentile": args.percentile}
     scorer = det.scoring_mode(args.mode, len(normals), compare_with=args.compare_with)
-    _announce_mode("calibrate", scorer, len(normals))
+    _announce_mode(args, det, scorer, len(normals))
     det.calibrate(normals, anomalous, batch_size=args.batch_size, progress=not args.quiet, mode=scorer, **kwargs)
     det.save_pretrained(args.out)
     cfg = det.config
@@ -353,6 +396,14 @@ COMMANDS = {"predict": cmd_predict, "eval": cmd_eval, "finetune": cmd_finetune, 
             "convert-official": cmd_convert, "download": cmd_download, "info": cmd_info}
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a run stops the way Ctrl-C stops it (files cleaned up)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -360,11 +411,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_FAILED
     _setup_logging(args)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return COMMANDS[args.command](args)
     except VisualADError as exc:
         print(f"visualad {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # an output path under a file, a read-only or full disk...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"visualad {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("visualad: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("visualad: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

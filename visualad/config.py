@@ -97,6 +97,9 @@ class VisualADConfig:
     score_stats: Optional[Dict[str, float]] = None
     # free-form provenance: training data, licence, metrics
     metadata: Dict[str, Any] = field(default_factory=dict)
+    # sha256 of each weights file saved with this config (written last): a directory whose files do not match
+    # mixes two saves (one interrupted) and refuses to load
+    files: Dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -144,6 +147,9 @@ class VisualADConfig:
             raise bad("score_stats", "an object or null")
         if not isinstance(self.metadata, dict):
             raise bad("metadata", "an object")
+        if not isinstance(self.files, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.files.items()):
+            raise bad("files", "an object of file names to sha256 digests")
 
     # --- resolution against a backbone -------------------------------------------------------------
     def resolved(self, depth: int, patch_size: int, default_image_size: int) -> "VisualADConfig":

@@ -12,7 +12,7 @@ import torch
 from .config import VisualADConfig
 from .data import images as imio
 from .data.files import iter_image_files
-from .errors import ConfigError
+from .errors import ConfigError, WeightsError
 from .model import VisualAD
 from .modes import MODES
 from .modes.batch import MIN_IMAGES, WARN_BELOW, BatchMode
@@ -277,6 +277,8 @@ class AnomalyDetector:
         bar = progress_bar(n, progress, unit="img")
         for x, amap, score in self.engine.run(items, scorer, batch_size, keep_image=keep_image, on_error=on_error):
             res = make_result(x, amap, score, scorer.name, at_model_size=at_model_size)
+            if x.ok and not res.ok and on_error == "raise":  # the input was fine, the output is not finite
+                raise WeightsError(res.error)
             self._thresholds.apply(res, self.config, described, dtype, threshold)
             bar.update(1)
             yield res

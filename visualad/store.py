@@ -15,6 +15,8 @@ from .layout import BACKBONE_WEIGHTS_NAME, CONFIG_NAME, REFERENCES_NAME, WEIGHTS
 from .model import VisualAD, build_backbone, parse_backbone
 from .modes.references import ReferenceBank
 from .types import PathLike
+from .errors import WeightsError
+from .weights.hub import sha256_file
 from .weights.safe import load_safetensors, save_safetensors
 from .weights.sources import backbone_state_dict
 
@@ -43,6 +45,7 @@ def load_model(model_dir: PathLike, image_size: Optional[int] = None,
     and its reference bank, if it has one (on the CPU)."""
     model_dir = Path(model_dir)
     config = VisualADConfig.load(model_dir / CONFIG_NAME)
+    _check_files(model_dir, config)
     state = load_safetensors(model_dir / WEIGHTS_NAME)
     if image_size is not None and image_size != config.image_size:
         # resolved() refuses sizes whose patches exceed the trained SCA table
@@ -51,9 +54,26 @@ def load_model(model_dir: PathLike, image_size: Optional[int] = None,
     model.load_head_state_dict(state, source=str(model_dir / WEIGHTS_NAME))
     model.eval()
     bank = None
-    if (model_dir / REFERENCES_NAME).is_file():
+    if (model_dir / REFERENCES_NAME).is_file() and (not config.files or REFERENCES_NAME in config.files):
         bank = ReferenceBank.load(model_dir / REFERENCES_NAME)
+        bank.check(model_dir / REFERENCES_NAME, depth=model.backbone.depth, width=model.backbone.embed_dim)
     return model, bank
+
+
+def _check_files(model_dir: Path, config: VisualADConfig) -> None:
+    """Every file the config lists must be there with its digest: a save killed between its renames leaves new
+    files beside the old config (or the reverse), and such a directory must not load as if it were whole."""
+    for name, digest in config.files.items():
+        if name not in (WEIGHTS_NAME, BACKBONE_WEIGHTS_NAME, REFERENCES_NAME):
+            raise WeightsError(f"config.json lists an unknown file {name!r}", model_dir / CONFIG_NAME)
+        path = model_dir / name
+        if not path.is_file():
+            raise WeightsError(f"{name} is listed in config.json but missing: the directory is incomplete (an "
+                               "interrupted save_pretrained?); save the model again or fetch it again", path)
+        if sha256_file(path) != digest:
+            raise WeightsError(f"{name} does not match the digest config.json records for it: the directory mixes "
+                               "two saves (an interrupted save_pretrained?) or the file was changed; save the "
+                               "model again or fetch it again", path)
 
 
 def save_model(directory: PathLike, model: VisualAD, references: Optional[ReferenceBank] = None,
@@ -66,13 +86,18 @@ def save_model(directory: PathLike, model: VisualAD, references: Optional[Refere
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.head_state_dict().items()}
     save_safetensors(state, out / WEIGHTS_NAME, metadata={"format": "pt", "visualad_schema": HEAD_SCHEMA})
+    written = [WEIGHTS_NAME]
     if not model.config.backbone_pretrained:
         bb = {k: v.detach().cpu().contiguous() for k, v in model.backbone.library_state_dict().items()}
         save_safetensors(bb, out / BACKBONE_WEIGHTS_NAME)
+        written.append(BACKBONE_WEIGHTS_NAME)
     if references is not None:
         references.save(out / REFERENCES_NAME)
+        written.append(REFERENCES_NAME)
     elif (out / REFERENCES_NAME).exists():
         (out / REFERENCES_NAME).unlink()  # a stale bank must not come back with this model
+    # the config goes last and names the digest of every file saved with it (see _check_files)
+    model.config.files = {name: sha256_file(out / name) for name in written}
     model.config.save(out / CONFIG_NAME)
     if model_card:
         write_model_card(out, model.config, n_params=sum(v.numel() for v in state.values()))

@@ -140,4 +140,9 @@ class VisualAD(nn.Module):
             if tuple(v.shape) != tuple(own[k].shape):
                 raise WeightsError(f"head tensor {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}",
                                    source)
+            if not v.is_floating_point():
+                raise WeightsError(f"head tensor {k} is {v.dtype}; trained weights are floating point", source)
+            if not bool(torch.isfinite(v).all()):
+                raise WeightsError(f"head tensor {k} holds NaN or infinite values: the weights are broken "
+                                   "(a diverged training run?)", source)
         self.load_state_dict(dict(state), strict=False)  # keys checked above; the backbone keeps its weights

@@ -146,9 +146,29 @@ class ReferenceBank:
                                    f"({BANK_SCHEMA}); upgrade visualad", path)
         except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError) as exc:
             raise WeightsError(f"malformed reference bank: {exc!r}", path) from None
-        if bank.features and any(v.shape[0] % bank.patches for v in bank.features.values()):
-            raise WeightsError("malformed reference bank: rows are not a whole number of images", path)
+        bank.check(path)
         return bank
+
+    def check(self, source: Any = None, depth: Optional[int] = None, width: Optional[int] = None) -> None:
+        """Refuse a bank that would fail or mislead later: non-float or non-finite values, ragged shapes, and
+        (given the backbone's ``depth`` and ``width``) blocks or a feature width the backbone does not have."""
+        shapes = set()
+        for key, v in self.features.items():
+            if not v.is_floating_point() or v.ndim != 2:
+                raise WeightsError(f"malformed reference bank: {key} is {v.dtype} of shape {tuple(v.shape)}, "
+                                   "expected float rows [images * patches, channels]", source)
+            if not bool(torch.isfinite(v).all()):
+                raise WeightsError(f"malformed reference bank: {key} holds NaN or infinite values", source)
+            shapes.add(tuple(v.shape))
+        if len(shapes) != 1 or self.patches < 1 or next(iter(shapes))[0] % self.patches:
+            raise WeightsError(f"malformed reference bank: shapes {sorted(shapes)} are not the same whole number "
+                               f"of images of {self.patches} patches", source)
+        if depth is not None and not all(1 <= b <= depth for b in self.blocks):
+            raise WeightsError(f"reference bank blocks {self.blocks} do not exist in a {depth}-block backbone",
+                               source)
+        if width is not None and next(iter(shapes))[1] != width:
+            raise WeightsError(f"reference bank features are {next(iter(shapes))[1]} wide, the backbone's are "
+                               f"{width}: it was built with another backbone", source)
 
 
 def _parse_key(key: str) -> Tuple[int, int]:

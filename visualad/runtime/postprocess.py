@@ -24,6 +24,10 @@ def make_result(x: Loaded, model_map: Optional[np.ndarray], score: float, mode: 
     if not x.ok:
         return AnomalyResult(pred_score=float("nan"), anomaly_map=None, image_path=x.path, error=str(x.error),
                              mode=mode)
+    if not np.isfinite(score) or not np.isfinite(model_map).all():
+        return AnomalyResult(pred_score=float("nan"), anomaly_map=None, image_path=x.path, mode=mode,
+                             error=f"{x.path or 'input'}: the model produced NaN or infinite values (broken weights "
+                                   "or references); no score", image_size=(x.height, x.width))
     amap = model_map if at_model_size else imio.resize_map(model_map, x.height, x.width)
     return AnomalyResult(pred_score=score, anomaly_map=amap, image_path=x.path, image=x.image, mode=mode,
                          image_size=(x.height, x.width))

@@ -510,7 +510,10 @@ def url_download(
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            actual_digest, actual_size, head = _stream(url, fh, name=name, size=size, progress=progress)
+            actual_digest, actual_size, head = _stream(url, fh, name=name, size=size, progress=progress,
+                                                       by_hand=f"on a machine with access: `curl -L -o {name} "
+                                                               f"{url}`, then copy it to {target} (checked "
+                                                               f"against sha256 {digest} on use)")
             fh.flush()
             os.fsync(fh.fileno())
         if head.startswith(LFS_POINTER_PREFIX) and actual_size < 1024 and actual_digest != digest:
@@ -542,7 +545,7 @@ def _cached_ok(target: Path, digest: str, size: Optional[int], marker: Path) -> 
     return True
 
 
-def _stream(url: str, fh: IO[bytes], *, name: str, size: Optional[int], progress: bool) -> tuple:
+def _stream(url: str, fh: IO[bytes], *, name: str, size: Optional[int], progress: bool, by_hand: str) -> tuple:
     """Copy ``url`` into ``fh``; return (sha256, byte count, first bytes). Raises WeightsError on any failure."""
     request = urllib.request.Request(url, headers={"User-Agent": f"visualad/{_version()}",
                                                    "Accept-Encoding": "identity"})
@@ -582,7 +585,7 @@ def _stream(url: str, fh: IO[bytes], *, name: str, size: Optional[int], progress
         raise WeightsError(f"download of {url} failed: HTTP {exc.code} {exc.reason}.") from exc
     except urllib.error.URLError as exc:
         raise WeightsError(f"could not reach {url}: {exc.reason}. Check the connection and proxy "
-                           "(HTTPS_PROXY), or download it by hand.") from exc
+                           f"(HTTPS_PROXY), or fetch the file by hand {by_hand}.") from exc
     except Exception as exc:  # IncompleteRead, reset connection, timeout
         raise WeightsError(f"download of {url} was interrupted after {count} bytes"
                            f"{f' of {size}' if size is not None else ''}: {type(exc).__name__}: {exc}. "
