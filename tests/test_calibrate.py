@@ -111,13 +111,15 @@ def test_overlay_sizes_and_scales(tiny_detector):
     img = np.random.default_rng(1).integers(0, 255, size=(90, 60, 3), dtype=np.uint8)
     res = tiny_detector.predict(img, mode="head")
     ov = res.overlay()
-    assert ov.size == (60, 90) and ov.mode == "RGB"
-    np.testing.assert_array_equal(np.asarray(res.overlay(alpha=0.0)), img)
+    assert ov.size[0] == 60 and ov.size[1] > 90 and ov.mode == "RGB"  # the legend strip below the image
+    assert res.overlay(legend=False).size == (60, 90)
+    np.testing.assert_array_equal(np.asarray(res.overlay(alpha=0.0, legend=False)), img)
+    np.testing.assert_array_equal(np.asarray(ov)[:90], np.asarray(res.overlay(legend=False)))
     with pytest.raises(ValueError, match="calibrated"):
         res.overlay(scale="calibrated")
     tiny_detector.calibrate(_constant_images([10, 20, 30]), mode="head")
     res = tiny_detector.predict(img, mode="head")
     assert res.map_range is not None
-    calibrated = np.asarray(res.overlay())  # default: calibrated scale
-    np.testing.assert_array_equal(calibrated, np.asarray(res.overlay(scale=res.map_range)))
-    assert not np.array_equal(calibrated, np.asarray(res.overlay(scale="per_image")))
+    calibrated = np.asarray(res.overlay(legend=False))  # default: calibrated scale
+    np.testing.assert_array_equal(calibrated, np.asarray(res.overlay(scale=res.map_range, legend=False)))
+    assert not np.array_equal(calibrated, np.asarray(res.overlay(scale="per_image", legend=False)))

@@ -49,6 +49,24 @@ def _mode_args(p: argparse.ArgumentParser) -> None:
                    help="batch mode: each image is compared with at most N others (default: 64)")
 
 
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return value
+
+
+def _picture_args(p: argparse.ArgumentParser, style: str = "overlay") -> None:
+    p.add_argument("--overlay-style", default=style, choices=["overlay", "panel"],
+                   help="overlay: the heat map over the image with a legend; panel: image | heat map with the "
+                        f"predicted region | ground truth (eval) side by side (default: {style})")
+    p.add_argument("--cmap", default="jet", choices=["jet", "turbo", "inferno", "viridis", "magma", "hot"])
+    p.add_argument("--alpha", type=_alpha, default=0.5, help="heat-map opacity in [0, 1] (default: 0.5)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -69,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "'error' and the run goes on; the exit code is 2 if any input failed.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     _add_model_args(p)
-    p.add_argument("--out", type=Path, default=None, help="JSONL output file (default: standard output)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="rows to this file: JSON lines, or CSV when it ends in .csv (default: JSON lines on "
+                        "standard output)")
     p.add_argument("--overlays", type=Path, default=None,
                    help="folder for heat-map overlays (PNG, original size; mirrors the input folders)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
@@ -79,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an earlier, killed run with the same --out (inputs unchanged since) and "
                         "score only the rest")
+    p.add_argument("--save-maps", type=Path, default=None, metavar="DIR",
+                   help="keep each raw map at the image's size (and the predicted mask, <name>.mask.png, when a "
+                        "pixel threshold exists); rows gain map_path and mask_path")
+    p.add_argument("--map-format", default="npy", choices=["npy", "png16"],
+                   help="npy: float32 (default); png16: 16-bit PNG scaled to the row's map_range")
     _mode_args(p)
+    _picture_args(p)
     _common(p)
 
     p = sub.add_parser("eval", help="evaluate on a labelled dataset; per-class and mean metrics",
@@ -97,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mvtec: the MVTec definition (default); zsad: the papers' 200-threshold variant")
     p.add_argument("--shots", type=int, default=0,
                    help="references mode: K normal reference images per category from its train/good (fixed seed)")
+    p.add_argument("--overlays", type=Path, default=None, metavar="DIR",
+                   help="a picture per test image under DIR/<category>/<defect>/ (with the ground truth)")
     _mode_args(p)
+    _picture_args(p, style="panel")
     _common(p)
 
     p = sub.add_parser("finetune", help="train the tokens, SCA and SAF on an auxiliary dataset",
@@ -109,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone name for a fresh head (dinov2-s-imgfocus, clip-l, dinov2-l, timm:..., "
                         "open_clip:...) or a model directory to continue from")
     p.add_argument("--device", default="auto")
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="training and prediction size in px (default: the base model's; 224 for "
+                        "dinov2-s-imgfocus, whose cost grows with (size / 14)^2: 448 px is about 4x slower)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="learning rate of the tokens (others scale with it)")
@@ -203,18 +234,10 @@ def _announce_mode(args: argparse.Namespace, det, scorer, n: int) -> None:
     print(f"visualad {args.command}: {scorer.name} mode ({why})", file=sys.stderr)
 
 
-def overlay_targets(inputs: Sequence[tuple], folder: Path) -> List[Path]:
-    """Where each input's overlay goes: its path under ``folder`` (relative to the folder it was found in) with
-    ``.png``; inputs that would share a name (``a.png`` and ``a.jpg``) keep their extension (``a.jpg.png``)."""
-    rel = [p.relative_to(base) if base is not None else Path(p.name) for p, base in inputs]
-    plain = [folder / r.with_suffix(".png") for r in rel]
-    counts: dict = {}
-    for t in plain:
-        counts[t] = counts.get(t, 0) + 1
-    return [t if counts[t] == 1 else folder / r.with_name(r.name + ".png") for t, r in zip(plain, rel)]
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
+    import time
+
+    from .outputs import OutputFiles
     from .rows import RowWriter, input_key
 
     if args.resume and args.out is None:
@@ -222,31 +245,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs = list(expand_paths(args.paths))
     if not inputs:
         raise VisualADError("no images found under " + ", ".join(args.paths))
-    if args.overlays is not None:
-        args.overlays.mkdir(parents=True, exist_ok=True)  # an unusable folder is one error, not one per row
+    files = OutputFiles(inputs, overlays=args.overlays, style=args.overlay_style, cmap=args.cmap, alpha=args.alpha,
+                        maps=args.save_maps, map_format=args.map_format)
     keys = [input_key(p) for p, _ in inputs]
     writer = RowWriter(args.out, resume=args.resume, inputs=keys) if args.out else None
+    start = time.perf_counter()
     try:
-        failed = _predict_rows(args, inputs, keys, writer)
+        counts = _predict_rows(args, inputs, keys, writer, files)
     except BaseException:
         if writer is not None:
             writer.abandon()
         raise
     if writer is not None:
         writer.commit()
+    scored, flagged, failed = counts
+    if not args.quiet:
+        rate = scored / max(time.perf_counter() - start, 1e-9)
+        kept = len(writer.kept) if writer is not None else 0
+        print(f"visualad predict: {len(inputs)} inputs, {flagged} flagged, {failed} failed"
+              + (f", {kept} kept from the earlier run" if kept else "") + f", {rate:.1f} images/s"
+              + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     if failed:
-        print(f"visualad predict: {failed} of {len(inputs)} inputs failed (see the 'error' fields)", file=sys.stderr)
+        if args.quiet:
+            print(f"visualad predict: {failed} of {len(inputs)} inputs failed (see the 'error' fields)",
+                  file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
 
 
-def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, writer) -> int:
-    """Score the inputs not kept by ``--resume``; write a row each (and an overlay); return how many failed."""
+def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, writer, files) -> tuple:
+    """Score the inputs not kept by ``--resume``; write a row each (and its files); return (scored, flagged,
+    failed)."""
     todo = [i for i, k in enumerate(keys) if writer is None or not writer.done(k)]
-    if writer is not None and writer.kept:
-        print(f"visualad predict: --resume keeps {len(writer.kept)} rows, {len(todo)} inputs left", file=sys.stderr)
     if not todo:
-        return 0
+        return 0, 0, 0
     det = _load_detector(args)
     _references(det, args.references)
     scorer = det.scoring_mode(args.mode, len(todo), compare_with=args.compare_with)
@@ -254,37 +286,29 @@ def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, wri
         raise VisualADError("--resume works in head and references mode: batch mode scores the whole set "
                             "together; run again without --resume")
     _announce_mode(args, det, scorer, len(todo))
-    targets = overlay_targets(inputs, args.overlays) if args.overlays is not None else None
-    failed = 0
+    # full-size maps only when something reads them: pictures, saved maps, or regions (a pixel threshold)
+    full = files.needs_full_map or det.config.pixel_threshold is not None
     results = det.predict_iter([inputs[i][0] for i in todo], batch_size=args.batch_size, threshold=args.threshold,
-                               on_error="return", keep_image=targets is not None, progress=not args.quiet,
-                               mode=scorer, at_model_size=targets is None)  # no full-size map nobody reads
+                               on_error="return", keep_image=files.needs_image, progress=not args.quiet,
+                               mode=scorer, at_model_size=not full)
+    flagged = failed = 0
     for i, res in zip(todo, results):
-        path = inputs[i][0]
         if res.image_path is None:
-            res.image_path = str(path)
-        if res.ok and targets is not None:
-            try:
-                _save_png(res.overlay(), targets[i])
-            except (OSError, ValueError) as exc:  # a full disk or an unwritable folder fails this row only
-                res.error = f"overlay not written to {targets[i]}: {getattr(exc, 'strerror', None) or exc}"
-            res.image = None
-        failed += not res.ok
+            res.image_path = str(inputs[i][0])
+        extra = files.write(i, res)
         row = res.to_dict()
+        row.update(extra)
+        if res.ok and res.pred_mask is not None:
+            row["regions"] = res.regions()
         if keys[i] is not None:
             row["file_size"], row["file_mtime_ns"] = keys[i][1], keys[i][2]
+        failed += not res.ok
+        flagged += bool(res.pred_label)
         if writer is not None:
             writer.write(row)
         else:
             print(json.dumps(row), flush=True)
-    return failed
-
-
-def _save_png(image, target: Path) -> None:
-    from .atomic import atomic_open
-
-    with atomic_open(target, "wb") as fh:
-        image.save(fh, format="PNG")
+    return len(todo), flagged, failed
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -294,7 +318,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = det.evaluate(args.root, out=args.out, format=args.format, batch_size=args.batch_size,
                           at_original_resolution=args.at_original_resolution, aupro_variant=args.aupro_variant,
                           shots=args.shots, progress=not args.quiet, mode=args.mode,
-                          compare_with=args.compare_with)
+                          compare_with=args.compare_with, overlays=args.overlays, overlay_style=args.overlay_style,
+                          cmap=args.cmap, alpha=args.alpha)
     print(format_table(report))
     if args.out:
         print(f"report written to {args.out}")

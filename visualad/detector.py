@@ -311,14 +311,22 @@ class AnomalyDetector:
     def finetune(self, aux: PathLike, **kwargs: Any) -> Dict[str, Any]:
         """Train the tokens, SCA and SAF on an auxiliary dataset; the backbone stays frozen.
 
-        Keyword arguments: out_dir, resume, seed, progress, device, and any
+        Keyword arguments: out_dir, resume, seed, progress, device, ``image_size`` (train and then predict at
+        this size; the cost grows with the patches, ``(image_size / 14)^2``), and any
         :class:`visualad.train.TrainConfig` field (epochs, batch_size, lr, synthesize, ...); see
         :func:`visualad.train.loop.finetune`. Returns the training report.
         """
+        from .store import resize_model
         from .train.loop import finetune
 
         if kwargs.get("device") is not None:
             self.to(kwargs.pop("device"))
+        size = kwargs.pop("image_size", None)
+        if size is not None and int(size) != self.config.image_size:
+            self.engine = Engine(resize_model(self.model, int(size)), device=self.device, dtype=self.dtype)
+            if self.references is not None:
+                logger.warning("the references were set at the old size and are dropped: set them again")
+                self.references = None
         return finetune(self.engine, aux, references=self.references, **kwargs)
 
     def evaluate(self, dataset_root: PathLike, out: Optional[PathLike] = None, **kwargs: Any) -> Dict[str, Any]:

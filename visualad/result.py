@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -43,11 +43,33 @@ class AnomalyResult:
         return self.error is None
 
     def overlay(self, alpha: float = 0.5, cmap: str = "jet",
-                scale: Union[str, Tuple[float, float]] = "auto") -> "Any":
-        """The heat map over the image as a PIL image (see :func:`visualad.viz.overlay`)."""
+                scale: Union[str, Tuple[float, float]] = "auto", legend: bool = True) -> "Any":
+        """The heat map over the image as a PIL image, with a legend below (see :func:`visualad.viz.overlay`)."""
         from .viz import overlay
 
-        return overlay(self, alpha=alpha, cmap=cmap, scale=scale)
+        return overlay(self, alpha=alpha, cmap=cmap, scale=scale, legend=legend)
+
+    def panel(self, mask: Optional[np.ndarray] = None, alpha: float = 0.5, cmap: str = "jet",
+              scale: Union[str, Tuple[float, float]] = "auto", tile: int = 384) -> "Any":
+        """Image | heat map | ground truth side by side, ``tile`` px high (see :func:`visualad.viz.panel`)."""
+        from .viz import panel
+
+        return panel(self, mask=mask, alpha=alpha, cmap=cmap, scale=scale, tile=tile)
+
+    def regions(self) -> List[Dict[str, Any]]:
+        """Connected regions of the predicted mask, most anomalous first: bounding box (x, y, width, height in
+        pixels of the map), area in pixels and peak score. Empty without a pixel threshold."""
+        if self.pred_mask is None or self.anomaly_map is None:
+            return []
+        import cv2
+
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(self.pred_mask.astype(np.uint8), connectivity=8)
+        out = []
+        for i in range(1, n):
+            x, y, w, h, area = (int(v) for v in stats[i])
+            peak = float(self.anomaly_map[labels == i].max())
+            out.append({"x": x, "y": y, "width": w, "height": h, "area": area, "peak": peak})
+        return sorted(out, key=lambda r: -r["peak"])
 
     def to_dict(self, with_map: bool = False) -> Dict[str, Any]:
         """A JSON-serialisable summary; the map (as nested lists) only when asked."""

@@ -1,4 +1,4 @@
-"""predict's JSONL output: nothing lost when a long run dies.
+"""predict's rows, as JSON lines or CSV (by the file's suffix): nothing lost when a long run dies.
 
 Rows go to ``<out>.partial`` as they finish (flushed each row, fsynced every few) and the file is renamed to
 ``<out>`` at the end. After a kill, ``--resume`` keeps the rows whose input is unchanged (same path, size and
@@ -7,6 +7,7 @@ file for that.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -19,6 +20,19 @@ PARTIAL_SUFFIX = ".partial"
 FSYNC_EVERY = 64  # rows
 
 Key = Tuple[str, int, int]
+#: the CSV columns: the JSONL fields, lists and objects as JSON text
+CSV_COLUMNS = ("path", "score", "label", "normalized_score", "threshold", "mode", "error", "height", "width",
+               "map_path", "mask_path", "map_range", "regions", "file_size", "file_mtime_ns")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
 
 
 def input_key(path: Path) -> Optional[Key]:
@@ -43,12 +57,16 @@ class RowWriter:
 
     def __init__(self, out: Path, resume: bool = False, inputs: Iterable[Optional[Key]] = ()) -> None:
         self.out = Path(out)
+        self.csv = self.out.suffix.lower() == ".csv"
         self.partial = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
         wanted = set(inputs)
         self.kept: Dict[Key, Dict[str, Any]] = {
             k: row for k, row in self._earlier_rows().items() if k in wanted} if resume else {}
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: Optional[IO[str]] = open(self.partial, "w", encoding="utf-8")  # noqa: SIM115 - closed in commit
+        self._fh: Optional[IO[str]] = open(self.partial, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        self._csv = csv.DictWriter(self._fh, fieldnames=CSV_COLUMNS, extrasaction="ignore") if self.csv else None
+        if self._csv is not None:
+            self._csv.writeheader()
         self._unsynced = 0
         for row in self.kept.values():  # first, so that a second kill loses them neither
             self.write(row)
@@ -58,23 +76,34 @@ class RowWriter:
         for path in (self.out, self.partial):
             if not path.is_file():
                 continue
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # the line a kill cut short
-                    key = _row_key(row) if isinstance(row, dict) else None
-                    if key is not None and row.get("error") is None and input_key(Path(row["path"])) == key:
-                        rows[key] = row
+            for row in self._read(path):
+                key = _row_key(row)
+                if key is not None and not row.get("error") and input_key(Path(row["path"])) == key:
+                    rows[key] = row
         return rows
+
+    def _read(self, path: Path) -> Iterable[Dict[str, Any]]:
+        with open(path, encoding="utf-8", newline="") as fh:
+            if self.csv:
+                yield from (row for row in csv.DictReader(fh) if row.get("file_mtime_ns"))  # not a cut-short line
+                return
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the line a kill cut short
+                if isinstance(row, dict):
+                    yield row
 
     def done(self, key: Optional[Key]) -> bool:
         return key is not None and key in self.kept
 
     def write(self, row: Dict[str, Any]) -> None:
         assert self._fh is not None
-        self._fh.write(json.dumps(row) + "\n")
+        if self._csv is not None:
+            self._csv.writerow({k: _cell(row.get(k)) for k in CSV_COLUMNS})
+        else:
+            self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
         self._unsynced += 1
         if self._unsynced >= FSYNC_EVERY:

@@ -39,6 +39,16 @@ def build_model(config: VisualADConfig, *, seed: Optional[int] = None, model_dir
         return VisualAD(config, backbone)
 
 
+def resize_model(model: VisualAD, image_size: int) -> VisualAD:
+    """The same backbone and trained head at another input size (checked against the SCA position table)."""
+    config = dataclasses.replace(model.config, image_size=int(image_size))
+    spec = parse_backbone(config.backbone)
+    resized = VisualAD(config.resolved(model.backbone.depth, model.backbone.patch_size, spec.default_image_size),
+                       model.backbone)
+    resized.load_head_state_dict(model.head_state_dict(), source="the model being resized")
+    return resized.to(model.pixel_mean.device)
+
+
 def load_model(model_dir: PathLike, image_size: Optional[int] = None,
                **fetch: Any) -> Tuple[VisualAD, Optional[ReferenceBank]]:
     """The model of a directory written by :func:`save_model` (strict: missing or unexpected keys are errors)

@@ -43,7 +43,9 @@ class BackboneSpec:
 
 
 NAMED_BACKBONES: Dict[str, BackboneSpec] = {
-    "dinov2-s-imgfocus": BackboneSpec("timm", "vit_small_patch14_dinov2", "imgfocus", 448),
+    # 224 px: the shipped head's size and its recipe's (448 px costs about 4x and gained nothing beyond the
+    # seed spread, docs/small-backbone.md)
+    "dinov2-s-imgfocus": BackboneSpec("timm", "vit_small_patch14_dinov2", "imgfocus", 224),
     "clip-l": BackboneSpec("open_clip", "ViT-L-14-336", "openai", 518, {"quick_gelu": True}),
     "dinov2-l": BackboneSpec("timm", "vit_large_patch14_dinov2.lvd142m", "hub", 518),
 }

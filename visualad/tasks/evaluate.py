@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .. import metrics
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..data import images as imio
 from ..data.datasets import Sample, load_dataset, load_mask
 from ..errors import ConfigError
@@ -39,8 +39,12 @@ METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_
 def evaluate(engine: Engine, root: Union[str, "os.PathLike[str]"], out: Optional[Union[str, Path]] = None,
              format: str = "auto", batch_size: int = 8, at_original_resolution: bool = False,
              aupro_variant: str = "mvtec", shots: int = 0, seed: int = 42, progress: bool = True,
-             model_name: Optional[str] = None, mode: str = "auto", compare_with: int = 64) -> Dict[str, Any]:
-    """Evaluate on every category of the dataset at ``root``; optionally write the JSON report to ``out``."""
+             model_name: Optional[str] = None, mode: str = "auto", compare_with: int = 64,
+             overlays: Optional[Union[str, Path]] = None, overlay_style: str = "panel", cmap: str = "jet",
+             alpha: float = 0.5) -> Dict[str, Any]:
+    """Evaluate on every category of the dataset at ``root``; optionally write the JSON report to ``out`` and a
+    picture per test image under ``overlays/<category>/<defect>/`` (``overlay_style`` "panel": image | heat
+    map with the predicted region | ground truth)."""
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if shots < 0:
@@ -58,8 +62,10 @@ def evaluate(engine: Engine, root: Union[str, "os.PathLike[str]"], out: Optional
     for category, samples in dataset.by_category().items():
         scorer, used = _category_mode(engine, mode, samples, train, category, shots, seed, batch_size,
                                       compare_with)
+        pictures = None if overlays is None else _Pictures(Path(overlays) / category, overlay_style, cmap, alpha,
+                                                           scorer.name)
         classes[category] = _evaluate_category(engine, scorer, samples, batch_size, at_original_resolution,
-                                               aupro_variant, bar)
+                                               aupro_variant, bar, pictures)
         classes[category]["mode"] = scorer.name
         if used is not None:
             classes[category]["shots"] = used
@@ -101,15 +107,18 @@ def _category_mode(engine: Engine, mode: str, samples: List[Sample], train: Any,
 
 
 def _evaluate_category(engine: Engine, scorer: Any, samples: List[Sample], batch_size: int, original: bool,
-                       aupro_variant: str, bar: Any) -> Dict[str, Any]:
+                       aupro_variant: str, bar: Any, pictures: Optional["_Pictures"] = None) -> Dict[str, Any]:
     scores = np.empty(len(samples), dtype=np.float64)
     labels = np.array([s.label for s in samples], dtype=np.int8)
     pix_maps: List[np.ndarray] = []
     pix_masks: List[np.ndarray] = []
-    results = engine.run([s.image_path for s in samples], scorer, batch_size, on_error="raise")
+    results = engine.run([s.image_path for s in samples], scorer, batch_size, on_error="raise",
+                         keep_image=pictures is not None)
     for i, (sample, (x, amap, score)) in enumerate(zip(samples, results)):
         scores[i] = score
         bar.update(1)
+        if pictures is not None:
+            pictures.write(sample, x, amap, score)
         if sample.mask_missing:
             continue
         if original:
@@ -133,6 +142,26 @@ def _evaluate_category(engine: Engine, scorer: Any, samples: List[Sample], batch
     row.update({"pixel_auroc": pix["auroc"], "pixel_ap": pix["ap"], "pixel_f1_max": pix["f1_max"],
                 "pixel_aupro": pix["aupro"]})
     return row
+
+
+class _Pictures:
+    """One picture per test image of a category: the heat map, the predicted region and the ground truth."""
+
+    def __init__(self, folder: Path, style: str, cmap: str, alpha: float, mode: str) -> None:
+        self.folder, self.style, self.cmap, self.alpha, self.mode = folder, style, cmap, alpha, mode
+
+    def write(self, sample: Sample, x: Any, amap: np.ndarray, score: float) -> None:
+        import io
+
+        from ..runtime.postprocess import make_result
+        from ..viz import figure
+
+        res = make_result(x, amap, score, self.mode)
+        mask = None if sample.mask_missing else load_mask(sample, size=(x.height, x.width))
+        buf = io.BytesIO()
+        figure(res, style=self.style, mask=mask, alpha=self.alpha, cmap=self.cmap).save(buf, format="PNG")
+        atomic_write_bytes(self.folder / sample.defect / (Path(sample.image_path).stem + ".png"), buf.getvalue())
+        x.image = None
 
 
 def _nanmean(values: List[float]) -> float:
