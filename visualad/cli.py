@@ -177,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the checkpoint's trained ln_post (the authors' test script does not)")
     _common(p)
 
+    p = sub.add_parser("export", help="export a model to ONNX, to run with onnxruntime and no torch",
+                       description="Writes head.onnx, features.onnx, grid_to_map.onnx, the config (thresholds, "
+                                   "mode, preprocessing) and the references; `visualad predict --model DIR` and "
+                                   "visualad.onnx.OnnxDetector(DIR) run it.")
+    p.add_argument("--model", default=None, help="model alias, local directory or org/repo[@revision]")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--image-size", type=_positive_int, default=None, help="the graphs' input size (px)")
+    p.add_argument("--references", type=Path, default=None, help="normal images to export as the references")
+    _common(p)
+
     p = sub.add_parser("download", help="pre-fetch everything a model needs, for offline sites")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--revision", default=None)
@@ -210,10 +221,20 @@ def expand_paths(patterns: Sequence[str]) -> Iterator[tuple]:
 
 
 def _load_detector(args: argparse.Namespace):
+    if args.model is not None and command_uses_onnx(args):
+        from .onnx.runtime import load
+
+        return load(args.model)  # an ONNX export: onnxruntime, no torch
     from . import AnomalyDetector
 
     return AnomalyDetector.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                            image_size=args.image_size)
+
+
+def command_uses_onnx(args: argparse.Namespace) -> bool:
+    from .onnx.meta import is_export
+
+    return args.command == "predict" and Path(args.model).is_dir() and is_export(args.model)
 
 
 def _references(det, folder: Optional[Path]) -> None:
@@ -417,8 +438,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import AnomalyDetector
+
+    det = AnomalyDetector.from_pretrained(args.model, device="cpu", dtype="fp32", image_size=args.image_size)
+    _references(det, args.references)
+    out = det.export_onnx(args.out)
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MB" for p in sorted(out.glob("*.onnx")))
+    print(f"ONNX export written to {out} ({sizes})")
+    return EXIT_OK
+
+
 COMMANDS = {"predict": cmd_predict, "eval": cmd_eval, "finetune": cmd_finetune, "calibrate": cmd_calibrate,
-            "convert-official": cmd_convert, "download": cmd_download, "info": cmd_info}
+            "convert-official": cmd_convert, "export": cmd_export, "download": cmd_download, "info": cmd_info}
 
 
 class Terminated(BaseException):

@@ -12,10 +12,10 @@ import torch
 from .config import VisualADConfig
 from .data import images as imio
 from .data.files import iter_image_files
-from .errors import ConfigError, WeightsError
+from .errors import WeightsError
 from .model import VisualAD
-from .modes import MODES
-from .modes.batch import MIN_IMAGES, WARN_BELOW, BatchMode
+from .modes.batch import BatchMode
+from .modes.choice import ModeChooser
 from .modes.head import HeadMode
 from .modes.references import ReferenceBank, ReferencesMode
 from .progress import progress_bar
@@ -27,13 +27,6 @@ from .types import PathLike
 
 logger = logging.getLogger(__name__)
 
-#: "auto" scores a set in batch mode up to this many images at once (features are held for the whole set:
-#: about 0.8 MB an image for ViT-S at 224 px); larger inputs are scored by the head with a warning
-AUTO_BATCH_MAX = 4096
-#: what to do when the head is untrained (a backbone alone, or from_backbone before finetune)
-UNTRAINED_HEAD_HELP = (f"give a few normal images of the product (set_references / --references), or {MIN_IMAGES} or "
-                       "more images of one product together (batch mode); head mode needs a trained head: "
-                       "det.finetune('<auxiliary dataset with masks>', out_dir='my-model') or visualad finetune")
 
 
 class AnomalyDetector:
@@ -44,7 +37,7 @@ class AnomalyDetector:
         self.engine = Engine(model, device=device, dtype=dtype)
         self.references = references.to(self.engine.device) if references is not None else None
         self._thresholds = Thresholds()
-        self._warned_head = False
+        self._chooser = ModeChooser()
 
     # --- what it is ----------------------------------------------------------------------------------
     @property
@@ -149,6 +142,13 @@ class AnomalyDetector:
         self.model.compile(**options)
         return self
 
+    def export_onnx(self, out_dir: PathLike) -> Path:
+        """Write an ONNX export that :class:`visualad.onnx.OnnxDetector` runs without torch (head, features
+        and map graphs, config, thresholds, references); see :mod:`visualad.onnx.export`."""
+        from .onnx.export import export_onnx
+
+        return export_onnx(self, out_dir)
+
     def save_pretrained(self, save_directory: PathLike, model_card: bool = True) -> Path:
         """Write config.json + model.safetensors (only the trained parameters) and the references, atomically."""
         from .store import save_model
@@ -174,39 +174,15 @@ class AnomalyDetector:
     # --- modes ---------------------------------------------------------------------------------------
     def scoring_mode(self, mode: Any = "auto", n_images: Optional[int] = None, compare_with: int = 64,
                      seed: int = 0) -> Any:
-        """The scorer a call uses. ``"auto"``: references when set; else batch for a set of 16 or more images
-        given together; else the head, with one warning (it transfers poorly to unseen products on small
-        backbones). An untrained head is never chosen: "auto" takes batch mode from 4 images and otherwise
-        raises :class:`ConfigError` saying what to give. A scorer object (what this returns) is used as it is."""
+        """The scorer a call uses (the rule: :class:`visualad.modes.choice.ModeChooser`); a scorer object
+        (what this returns) is used as it is."""
         if not isinstance(mode, str):
             return mode
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "references" or (mode == "auto" and self.references is not None):
-            if self.references is None:
-                raise ConfigError("mode='references' needs reference images: det.set_references(normal_images) "
-                                  "or predict(..., references=normal_images)")
+        name = self._chooser.choose(mode, self.references is not None, n_images, self.config.head_trained)
+        if name == "references":
             return ReferencesMode(self.references)
-        trained = self.config.head_trained
-        fewest = WARN_BELOW if trained else MIN_IMAGES
-        if mode == "batch" or (mode == "auto" and n_images is not None and fewest <= n_images <= AUTO_BATCH_MAX):
+        if name == "batch":
             return BatchMode(compare_with=compare_with, seed=seed)
-        if not trained:
-            if mode == "auto":
-                raise ConfigError(f"this model's head is untrained, so there is no mode to pick for "
-                                  f"{'a stream' if n_images is None else n_images} image(s): {UNTRAINED_HEAD_HELP}")
-            if not self._warned_head:
-                self._warned_head = True
-                logger.warning("head mode on an untrained head: its maps mean nothing; %s", UNTRAINED_HEAD_HELP)
-            return HeadMode()
-        if mode == "auto" and not self._warned_head:
-            self._warned_head = True
-            why = (f"only {n_images} image(s) given together" if n_images is not None and n_images < WARN_BELOW
-                   else "the input is too large for one set" if n_images is not None else "a stream of images")
-            logger.warning("scoring with the trained head (%s): on products it never saw the head transfers "
-                           "poorly on small backbones; for reliable maps give %d or more images of one product "
-                           "at once (batch mode) or a few normal images (set_references / --references)",
-                           why, WARN_BELOW)
         return HeadMode()
 
     def set_references(self, images: Any, batch_size: int = 8, **kwargs: Any) -> None:

@@ -129,14 +129,13 @@ class TimmViT(Backbone):
         self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
         self.std = tuple(cfg.get("std", IMAGENET_STD))
         self.native_image_size = vit.patch_embed.img_size[0]
+        self._pos_cache: Dict[tuple, torch.Tensor] = {}
 
     @property
     def final_norm(self) -> nn.Module:
         return self.vit.norm
 
     def embed(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        from timm.layers import resample_abs_pos_embed
-
         vit = self.vit
         x = vit.patch_embed(images)  # NHWC because dynamic_img_size=True
         b, h, w, c = x.shape
@@ -144,12 +143,7 @@ class TimmViT(Backbone):
         prefix = [vit.cls_token.expand(b, -1, -1)]
         if getattr(vit, "reg_token", None) is not None:
             prefix.append(vit.reg_token.expand(b, -1, -1))
-        pos = resample_abs_pos_embed(
-            vit.pos_embed,
-            new_size=(h, w),
-            old_size=vit.patch_embed.grid_size,
-            num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens,
-        )
+        pos = self._positions(h, w)
         if vit.no_embed_class:  # positions cover patches only; CLS and registers get none
             seq = torch.cat(prefix + [x + pos], dim=1)
             token_pos = torch.zeros_like(vit.cls_token[0, 0])
@@ -157,6 +151,21 @@ class TimmViT(Backbone):
             seq = torch.cat(prefix + [x], dim=1) + pos
             token_pos = pos[0, 0]
         return vit.pos_drop(seq), token_pos
+
+    def _positions(self, h: int, w: int) -> torch.Tensor:
+        """The position table resampled to an h x w grid, kept per grid: the backbone is frozen, and a fixed
+        table is what an exported graph holds (timm's antialiased bicubic resize has no ONNX operator)."""
+        from timm.layers import resample_abs_pos_embed
+
+        table = self.vit.pos_embed
+        h, w = int(h), int(w)  # plain ints, also while a graph is traced
+        key = (h, w, table.device, table.dtype, table._version)
+        if key not in self._pos_cache:
+            with torch.no_grad():
+                self._pos_cache = {key: resample_abs_pos_embed(
+                    table, new_size=(h, w), old_size=self.vit.patch_embed.grid_size,
+                    num_prefix_tokens=0 if self.vit.no_embed_class else self.vit.num_prefix_tokens).detach()}
+        return self._pos_cache[key]
 
     def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit.norm_pre(x)

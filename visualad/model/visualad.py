@@ -110,7 +110,8 @@ class VisualAD(nn.Module):
 
     def image_score(self, fused: torch.Tensor) -> torch.Tensor:
         """Top-1% mean of each map [B, S, S] -> [B]."""
-        return scoring.topk_mean(fused, scoring.topk_count(self.config.topk_ratio, fused[0].numel()))
+        pixels = int(fused.shape[-2]) * int(fused.shape[-1])  # ints from the shape: also while tracing
+        return scoring.topk_mean(fused, scoring.topk_count(self.config.topk_ratio, pixels))
 
     @torch.inference_mode()
     def predict_maps(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

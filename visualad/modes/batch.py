@@ -17,12 +17,11 @@ import torch
 
 from ..errors import ConfigError
 from . import knn
+from .choice import MIN_IMAGES, WARN_BELOW
 
 logger = logging.getLogger(__name__)
 
 NAME = "batch"
-MIN_IMAGES = 4  # fewer: a typed error
-WARN_BELOW = 16  # below: quality drops by 0.03-0.10 image AUROC (docs/batch-zero-shot.md)
 
 
 class BatchMode:

@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .partners import partner_offsets
+
 #: the feature block as a fraction of the backbone's depth: 7 of 12 on DINOv2-S (measured best of 3..12 on
 #: shared/data, docs/batch-zero-shot.md); a fraction so that deeper backbones get a block at the same depth
 DEFAULT_BLOCK_FRACTIONS: Tuple[float, ...] = (7 / 12,)
@@ -32,15 +34,15 @@ def blocks_for_depth(depth: int, fractions: Sequence[float] = DEFAULT_BLOCK_FRAC
 
 def lnamd(features: torch.Tensor, r: int) -> torch.Tensor:
     """Patch features [B, N, C] on a square grid -> LayerNorm(C,H,W) + r x r mean + L2 norm, [B, N, C] fp32."""
-    b, n, c = features.shape
+    n, c = int(features.shape[1]), int(features.shape[2])  # plain ints, also while a graph is traced
     g = int(round(math.sqrt(n)))
     if g * g != n:
         raise ValueError(f"{n} patches do not form a square grid")
-    x = features.float().transpose(1, 2).reshape(b, c, g, g)
-    x = F.layer_norm(x, x.shape[1:])
+    x = features.float().transpose(1, 2).reshape(-1, c, g, g)
+    x = F.layer_norm(x, (c, g, g))
     if r > 1:
         x = F.avg_pool2d(x, r, stride=1, padding=r // 2, count_include_pad=True)
-    return F.normalize(x.reshape(b, c, n).transpose(1, 2), dim=-1, eps=1e-8)
+    return F.normalize(x.reshape(-1, c, n).transpose(1, 2), dim=-1, eps=1e-8)
 
 
 def to_distance(sim: torch.Tensor) -> torch.Tensor:
@@ -80,16 +82,6 @@ def interval_average(distances: torch.Tensor, fraction: float = DEFAULT_FRACTION
     m = distances.shape[-2]
     k = max(1, int(math.floor(fraction * m)))
     return distances.topk(k, dim=-2, largest=False, sorted=True).values.mean(dim=-2)
-
-
-def partner_offsets(n: int, compare_with: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """Cyclic offsets d: image p is compared with p + d and p - d (``both``) and p + d (``forward``), so each
-    image meets exactly ``min(compare_with, n - 1)`` others and each unordered pair is computed once."""
-    m = min(int(compare_with), n - 1)
-    half = m // 2
-    both = tuple(range(1, half + 1))
-    forward = (half + 1,) if m % 2 else ()
-    return both, forward
 
 
 def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: int = 0,

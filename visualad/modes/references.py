@@ -15,10 +15,10 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.images import image_digest  # noqa: F401 - part of this module's API
 from ..errors import ConfigError, WeightsError
 from ..types import PathLike
 from . import knn
@@ -27,11 +27,6 @@ logger = logging.getLogger(__name__)
 
 NAME = "references"
 BANK_SCHEMA = "3"  # 1 and 2: the fused few-shot bank (per-layer unit features, no LNAMD)
-
-
-def image_digest(square: np.ndarray) -> str:
-    """Identity of a preprocessed image: lets calibration score a reference against the others only."""
-    return hashlib.sha1(np.ascontiguousarray(square).tobytes()).hexdigest()
 
 
 class ReferenceBank:

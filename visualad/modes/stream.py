@@ -17,7 +17,8 @@ import torch
 
 from ..errors import ConfigError
 from . import knn
-from .batch import MIN_IMAGES, NAME, BatchMode
+from .batch import NAME, BatchMode
+from .choice import MIN_IMAGES
 
 Features = Dict[Tuple[int, int], torch.Tensor]  # (block, r) -> [P, C] unit rows of one image
 

@@ -6,7 +6,7 @@ mode they are not applied, and the result says so once in the log instead of fla
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 def make_result(x: Loaded, model_map: Optional[np.ndarray], score: float, mode: str,
-                at_model_size: bool = False) -> AnomalyResult:
-    """The result of one input: its map resized to the original size (bilinear), or its error."""
+                at_model_size: bool = False, resize: Callable[[np.ndarray, int, int], np.ndarray] = imio.resize_map
+                ) -> AnomalyResult:
+    """The result of one input: its map resized to the original size (bilinear, ``resize``), or its error."""
     if not x.ok:
         return AnomalyResult(pred_score=float("nan"), anomaly_map=None, image_path=x.path, error=str(x.error),
                              mode=mode)
@@ -28,7 +29,7 @@ def make_result(x: Loaded, model_map: Optional[np.ndarray], score: float, mode: 
         return AnomalyResult(pred_score=float("nan"), anomaly_map=None, image_path=x.path, mode=mode,
                              error=f"{x.path or 'input'}: the model produced NaN or infinite values (broken weights "
                                    "or references); no score", image_size=(x.height, x.width))
-    amap = model_map if at_model_size else imio.resize_map(model_map, x.height, x.width)
+    amap = model_map if at_model_size else resize(model_map, x.height, x.width)
     return AnomalyResult(pred_score=score, anomaly_map=amap, image_path=x.path, image=x.image, mode=mode,
                          image_size=(x.height, x.width))
 

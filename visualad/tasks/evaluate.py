@@ -24,7 +24,8 @@ from ..data import images as imio
 from ..data.datasets import Sample, load_dataset, load_mask
 from ..errors import ConfigError
 from ..modes import MODES
-from ..modes.batch import MIN_IMAGES, WARN_BELOW, BatchMode
+from ..modes.batch import BatchMode
+from ..modes.choice import MIN_IMAGES, WARN_BELOW
 from ..modes.head import HeadMode
 from ..modes.references import ReferencesMode
 from ..progress import progress_bar
