@@ -188,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", type=Path, default=None, help="normal images to export as the references")
     _common(p)
 
+    p = sub.add_parser("serve", help="an HTTP service and an inspection page (needs the serve extra)",
+                       description="Serves POST /predict, /calibrate, /references, the Open Inference Protocol v2 "
+                                   "routes under /v2 and an inspection page at /. Concurrent requests share "
+                                   "forwards; SIGTERM finishes the requests in flight and exits 0.")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=_positive_int, default=8, help="images per forward (default: 8)")
+    p.add_argument("--max-latency-ms", type=float, default=10.0,
+                   help="how long a request may wait for others to share its forward (default: 10)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger requests get 413 (default: 20)")
+    p.add_argument("--token", default=os.environ.get("VISUALAD_TOKEN"),
+                   help="require 'Authorization: Bearer TOKEN' (default: $VISUALAD_TOKEN; none)")
+    p.add_argument("--references", type=Path, default=None, help="normal images to start in references mode")
+    _common(p)
+
     p = sub.add_parser("download", help="pre-fetch everything a model needs, for offline sites")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--revision", default=None)
@@ -438,6 +454,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as exc:
+        raise VisualADError(f"visualad serve needs the serve extra: pip install 'visualad[serve]' ({exc.name} "
+                            "is missing)") from None
+    det = _load_detector(args)
+    _references(det, args.references)
+    name = Path(args.model).name if args.model else "visualad"
+    app = create_app(det, model_name=name, token=args.token, max_batch_size=args.max_batch_size,
+                     max_latency_ms=args.max_latency_ms, max_upload_mb=args.max_upload_mb)
+    print(f"visualad serve: http://{args.host}:{args.port}/ serving {name!r}; Ctrl-C or SIGTERM stops",
+          file=sys.stderr)
+    # uvicorn shuts down gracefully on SIGTERM (requests in flight finish), then raises the signal again for the
+    # handler it found: a no-op one here, so that a clean stop exits 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info")
+    return EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from . import AnomalyDetector
 
@@ -450,7 +488,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"predict": cmd_predict, "eval": cmd_eval, "finetune": cmd_finetune, "calibrate": cmd_calibrate,
-            "convert-official": cmd_convert, "export": cmd_export, "download": cmd_download, "info": cmd_info}
+            "convert-official": cmd_convert, "export": cmd_export, "serve": cmd_serve, "download": cmd_download, "info": cmd_info}
 
 
 class Terminated(BaseException):

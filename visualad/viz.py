@@ -13,7 +13,7 @@ hot; the legend says which scale a picture uses, and warns when colours are not 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -85,11 +85,11 @@ def _contour(img: np.ndarray, mask: Optional[np.ndarray], color: Tuple[int, int,
 def _facts(result: "AnomalyResult", vmin: float, vmax: float, scale_name: str) -> List[str]:
     score = "n/a" if result.pred_score is None or math.isnan(result.pred_score) else f"{result.pred_score:.4g}"
     label = {None: "no threshold", True: "ANOMALOUS", False: "normal"}[result.pred_label]
-    line1 = f"score {score}   {label}"
+    line1 = f"score {score}, {label}"
     if result.threshold is not None:
         line1 += f" (threshold {result.threshold:.4g})"
     if result.mode:
-        line1 += f"   mode {result.mode}"
+        line1 += f", {result.mode} mode"
     line2 = f"colours: {scale_name} scale [{vmin:.3g}, {vmax:.3g}]"
     if scale_name == "per image":
         line2 += " - not comparable between pictures (calibrate for a fixed scale)"
@@ -107,6 +107,8 @@ def _legend(width: int, facts: List[str], vmin: float, vmax: float, cmap: str,
     line_h = int(round(28 * fs)) + 6
     pad = max(4, line_h // 3)
     bar_h = max(8, line_h // 2)
+    fits = lambda text, indent: cv2.getTextSize(text, font, fs, th)[0][0] <= width - 2 * pad - indent  # noqa: E731
+    facts = [piece for text in facts for piece in _wrap(text, lambda t: fits(t, 0))]
     lines = list(facts) + [text for text, _ in marks]
     strip = np.full((pad * 3 + bar_h + line_h * (len(lines) + 1), width, 3), _PAPER, np.uint8)
     bar_w = max(10, width - 2 * pad)
@@ -128,6 +130,17 @@ def _legend(width: int, facts: List[str], vmin: float, vmax: float, cmap: str,
             text_x = pad
         cv2.putText(strip, text, (text_x, y), font, fs, _INK, th, cv2.LINE_AA)
     return strip
+
+
+def _wrap(text: str, fits: "Callable[[str], bool]") -> List[str]:
+    """Words of ``text`` on as few lines as fit (a word longer than a line gets a line of its own)."""
+    lines: List[str] = []
+    for word in text.split(" "):
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return [line for line in lines if line]
 
 
 def overlay(result: "AnomalyResult", alpha: float = 0.5, cmap: str = "jet", scale: Scale = "auto",
