@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an earlier, killed run with the same --out (inputs unchanged since) and "
                         "score only the rest")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="ray: score on a Ray cluster (the ray extra; a local Ray when --ray-address is not given)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="the Ray cluster to use (ray://... or auto)")
     p.add_argument("--save-maps", type=Path, default=None, metavar="DIR",
                    help="keep each raw map at the image's size (and the predicted mask, <name>.mask.png, when a "
                         "pixel threshold exists); rows gain map_path and mask_path")
@@ -142,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training and prediction size in px (default: the base model's; 224 for "
                         "dinov2-s-imgfocus, whose cost grows with (size / 14)^2: 448 px is about 4x slower)")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="the global batch (under torchrun it is split over the processes)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the tokens (others scale with it)")
     p.add_argument("--seed", type=int, default=111)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -287,8 +291,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     keys = [input_key(p) for p, _ in inputs]
     writer = RowWriter(args.out, resume=args.resume, inputs=keys) if args.out else None
     start = time.perf_counter()
+    rows = _predict_rows_ray if args.engine == "ray" else _predict_rows
     try:
-        counts = _predict_rows(args, inputs, keys, writer, files)
+        counts = rows(args, inputs, keys, writer, files)
     except BaseException:
         if writer is not None:
             writer.abandon()
@@ -308,6 +313,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _predict_rows_ray(args: argparse.Namespace, inputs: List[tuple], keys: List, writer, files) -> tuple:
+    """The rows of local predict, scored by Ray actors (see :mod:`visualad.scale.ray_predict`)."""
+    if args.overlays is not None or args.save_maps is not None or args.resume:
+        raise VisualADError("--engine ray writes rows only: --overlays, --save-maps and --resume are local")
+    try:
+        from .scale.ray_predict import predict_with_ray
+    except ImportError as exc:
+        raise VisualADError(f"--engine ray needs the ray extra: pip install 'visualad[ray]' ({exc})") from None
+    refs = [str(f) for f, _ in expand_paths([str(args.references)])] if args.references else None
+    flagged = failed = 0
+    for key, row in zip(keys, predict_with_ray(inputs, args.model, mode=args.mode, address=args.ray_address,
+                                               device=args.device if args.device != "auto" else "cpu",
+                                               dtype=args.dtype, batch_size=args.batch_size,
+                                               compare_with=args.compare_with, threshold=args.threshold,
+                                               references=refs)):
+        if key is not None:
+            row["file_size"], row["file_mtime_ns"] = key[1], key[2]
+        failed += row.get("error") is not None
+        flagged += bool(row.get("label"))
+        if writer is not None:
+            writer.write(row)
+        else:
+            print(json.dumps(row), flush=True)
+    return len(inputs), flagged, failed
 
 
 def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, writer, files) -> tuple:
@@ -376,8 +407,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     report = det.finetune(args.root, out_dir=args.out, resume=args.resume, seed=args.seed,
                           synthesize=args.synthesize, gradient_checkpointing=args.gradient_checkpointing,
                           progress=not args.quiet, **train_args)
-    print(json.dumps({k: report[k] for k in ("epochs", "steps", "final_loss", "seconds") if k in report}))
-    print(f"model written to {args.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote the model and speaks for the run
+        keys = ("epochs", "steps", "final_loss", "seconds", "world_size")
+        print(json.dumps({k: report[k] for k in keys if k in report}))
+        print(f"model written to {args.out}")
     return EXIT_OK
 
 

@@ -58,12 +58,14 @@ class RowWriter:
     def __init__(self, out: Path, resume: bool = False, inputs: Iterable[Optional[Key]] = ()) -> None:
         self.out = Path(out)
         self.csv = self.out.suffix.lower() == ".csv"
+        self.parquet = _Parquet() if self.out.suffix.lower() == ".parquet" else None
         self.partial = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
         wanted = set(inputs)
         self.kept: Dict[Key, Dict[str, Any]] = {
             k: row for k, row in self._earlier_rows().items() if k in wanted} if resume else {}
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: Optional[IO[str]] = open(self.partial, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        self._fh: Optional[IO[Any]] = (open(self.partial, "wb") if self.parquet is not None  # noqa: SIM115
+                                       else open(self.partial, "w", encoding="utf-8", newline=""))
         self._csv = csv.DictWriter(self._fh, fieldnames=CSV_COLUMNS, extrasaction="ignore") if self.csv else None
         if self._csv is not None:
             self._csv.writeheader()
@@ -83,6 +85,9 @@ class RowWriter:
         return rows
 
     def _read(self, path: Path) -> Iterable[Dict[str, Any]]:
+        if self.parquet is not None:
+            yield from self.parquet.read(path)
+            return
         with open(path, encoding="utf-8", newline="") as fh:
             if self.csv:
                 yield from (row for row in csv.DictReader(fh) if row.get("file_mtime_ns"))  # not a cut-short line
@@ -100,6 +105,9 @@ class RowWriter:
 
     def write(self, row: Dict[str, Any]) -> None:
         assert self._fh is not None
+        if self.parquet is not None:
+            self.parquet.add(row, self._fh)
+            return
         if self._csv is not None:
             self._csv.writerow({k: _cell(row.get(k)) for k in CSV_COLUMNS})
         else:
@@ -113,6 +121,8 @@ class RowWriter:
     def commit(self) -> None:
         """Everything is written: fsync and rename the partial file to ``out``."""
         assert self._fh is not None
+        if self.parquet is not None:
+            self.parquet.close(self._fh)
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
@@ -125,3 +135,49 @@ class RowWriter:
             self._fh.close()
             self._fh = None
             logger.warning("rows so far are in %s; run the same command with --resume to finish", self.partial)
+
+
+class _Parquet:
+    """Parquet rows (the CSV columns, typed; lists as JSON text), written a row group at a time. A killed run
+    leaves a partial file without its footer: ``--resume`` then keeps the rows of a finished ``out`` only."""
+
+    GROUP = 1024
+
+    def __init__(self) -> None:
+        import pyarrow as pa
+
+        self.pa = pa
+        text, num, whole = pa.string(), pa.float64(), pa.int64()
+        types = {"label": pa.bool_(), "score": num, "normalized_score": num, "threshold": num, "height": whole,
+                 "width": whole, "file_size": whole, "file_mtime_ns": whole}
+        self.schema = pa.schema([(c, types.get(c, text)) for c in CSV_COLUMNS])
+        self.rows: list = []
+        self.writer: Any = None
+
+    def add(self, row: Dict[str, Any], fh: IO[Any]) -> None:
+        self.rows.append({c: json.dumps(row.get(c)) if isinstance(row.get(c), (list, dict)) else row.get(c)
+                          for c in CSV_COLUMNS})
+        if len(self.rows) >= self.GROUP:
+            self._flush(fh)
+
+    def _flush(self, fh: IO[Any]) -> None:
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(fh, self.schema)
+        if self.rows:
+            self.writer.write_table(self.pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def close(self, fh: IO[Any]) -> None:
+        self._flush(fh)
+        self.writer.close()
+
+    def read(self, path: Path) -> Iterable[Dict[str, Any]]:
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception:  # noqa: BLE001 - a partial file of a killed run has no footer
+            return
+        yield from table.to_pylist()

@@ -47,6 +47,7 @@ from ..errors import ConfigError, DatasetError, WeightsError
 from ..progress import progress_bar
 from ..types import PathLike
 from . import synth
+from .distributed import World, join, local_device, wrap
 from .losses import visualad_loss
 
 if TYPE_CHECKING:
@@ -232,10 +233,14 @@ class TrainingSet:
         g = torch.Generator().manual_seed(int(self.seed) + int(epoch))
         return torch.randperm(len(self.samples), generator=g).tolist()
 
-    def batches(self, epoch: int, batch_size: int, num_workers: int = 0) -> Iterator[TrainBatch]:
-        """The epoch's batches (last one may be short); with workers, up to two batches are decoded ahead."""
+    def batches(self, epoch: int, batch_size: int, num_workers: int = 0,
+                world: Optional[World] = None) -> Iterator[TrainBatch]:
+        """The epoch's batches (last one may be short); with workers, up to two batches are decoded ahead.
+        Under torchrun, ``world`` keeps this process's share of each global batch."""
         order = self.order(epoch)
         chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if world is not None and world.size > 1:
+            chunks = [world.share(c) for c in chunks]
         if num_workers <= 0:
             for chunk in chunks:
                 yield self._collate([self.load(i, epoch) for i in chunk])
@@ -304,19 +309,20 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor
     The backbone is frozen but runs with gradients enabled: the tokens are its inputs. A batch whose loss
     or token gradient is not finite is skipped (the authors' rule). One host sync per step.
     """
+    core = getattr(model, "module", model)  # the model inside DistributedDataParallel
     optimizer.zero_grad(set_to_none=True)
     autocast = (torch.autocast(device_type=images.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     with autocast:
         out = model(images)
-    terms = visualad_loss(out.layer_maps, out.tokens, masks, labels, model.config.image_size,
-                          topk_ratio=model.config.topk_ratio, gamma=config.focal_gamma,
+    terms = visualad_loss(out.layer_maps, out.tokens, masks, labels, core.config.image_size,
+                          topk_ratio=core.config.topk_ratio, gamma=config.focal_gamma,
                           focal_smooth=config.focal_smooth, dice_smooth=config.dice_smooth,
                           margin=config.hinge_margin, w_focal=config.w_focal, w_dice=config.w_dice,
                           w_bce=config.w_bce, w_hinge=config.w_hinge, seg_weight=has_mask)
     terms["total"].backward()
     finite = torch.isfinite(terms["total"].detach())
-    for p in _token_params(model):
+    for p in _token_params(core):  # gradients are already averaged over the processes here
         if p.grad is not None:
             finite = finite & torch.isfinite(p.grad).all()
             if config.clip_token_grad:
@@ -465,7 +471,10 @@ def finetune(engine: "Engine", aux: PathLike, out_dir: Optional[PathLike] = None
             logger.warning("%s holds a checkpoint of an earlier run; it will be overwritten (resume=True "
                            "continues it instead)", ckpt_dir)
 
-    dev = engine.device
+    dev = local_device(engine.device)
+    if dev != engine.device:
+        engine.to(dev)
+    world = join(dev)
     amp_dtype = _amp_dtype(config.amp, dev)
     data = TrainingSet(aux, model.config.image_size, config)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
@@ -484,7 +493,8 @@ def finetune(engine: "Engine", aux: PathLike, out_dir: Optional[PathLike] = None
         logger.info("resuming from epoch %d of %d", start_epoch, config.epochs)
 
     total_steps = steps_per_epoch * (config.epochs - start_epoch)
-    bar = progress_bar(total_steps, progress, unit="step", desc="finetune")
+    bar = progress_bar(total_steps, progress and world.main, unit="step", desc="finetune")
+    step_model = wrap(model, world)
     logger.info("finetune on %s: %d images (%d anomalous), %d epochs x %d steps, batch %d, %s, amp %s",
                 data.root, len(data), data.stats["n_anomalous"], config.epochs, steps_per_epoch,
                 config.batch_size, dev, amp_dtype or "off")
@@ -495,12 +505,13 @@ def finetune(engine: "Engine", aux: PathLike, out_dir: Optional[PathLike] = None
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             sums = dict.fromkeys(LOSS_KEYS, 0.0)
             n_ok, t_epoch = 0, time.perf_counter()
-            for batch in data.batches(epoch, config.batch_size, config.num_workers):
+            for batch in data.batches(epoch, config.batch_size, config.num_workers, world):
                 images = engine.to_batch(list(batch.images))
                 masks = torch.from_numpy(batch.masks).to(dev, non_blocking=True)
                 labels = torch.from_numpy(batch.labels).to(dev)
                 has_mask = torch.from_numpy(batch.has_mask).to(dev)
-                losses, ok = train_step(model, images, masks, labels, has_mask, optimizer, config, amp_dtype)
+                losses, ok = train_step(step_model, images, masks, labels, has_mask, optimizer, config, amp_dtype)
+                losses = dict(zip(LOSS_KEYS, world.mean([losses[k] for k in LOSS_KEYS], dev)))
                 if ok:
                     n_ok += 1
                     for k in LOSS_KEYS:
@@ -518,7 +529,7 @@ def finetune(engine: "Engine", aux: PathLike, out_dir: Optional[PathLike] = None
             logger.info("epoch %d/%d: loss %s (focal %s, dice %s, bce %s, hinge %s), %.1f s", epoch + 1,
                         config.epochs, *(_fmt(stats[k]) for k in ("loss", "focal", "dice", "bce", "hinge")),
                         stats["seconds"])
-            if ckpt_dir is not None:
+            if ckpt_dir is not None and world.main:
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, {
                     "epoch": epoch + 1, "steps": steps_per_epoch * (epoch + 1), "skipped_steps": skipped,
                     "history": history, "train_config": config.to_dict(), "data": data.stats,
@@ -540,16 +551,19 @@ def finetune(engine: "Engine", aux: PathLike, out_dir: Optional[PathLike] = None
         "device": str(dev), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
         "model": {"backbone": model.config.backbone, "image_size": model.config.image_size,
                   "layers": list(model.config.layers or ())},
-        "train_config": config.to_dict(),
+        "train_config": config.to_dict(), "world_size": world.size,
     }
     if out is not None:
         from ..store import save_model
 
-        save_model(out, model, references)
-        atomic_write_json(out / REPORT_FILE, _json_safe(report))
-        if not config.keep_checkpoint and ckpt_dir is not None and ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
+        if world.main:  # one writer
+            save_model(out, model, references)
+            atomic_write_json(out / REPORT_FILE, _json_safe(report))
+            if not config.keep_checkpoint and ckpt_dir is not None and ckpt_dir.exists():
+                shutil.rmtree(ckpt_dir)
         report["out_dir"] = str(out)
+    world.barrier()
+    world.close()
     return report
 
 
