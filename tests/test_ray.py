@@ -37,8 +37,10 @@ def test_ray_rows_equal_local_rows(local_ray, tiny_detector, tmp_path):
     model = tiny_detector.save_pretrained(tmp_path / "m")
     root = _tree(tmp_path / "in")
     common = ["--model", str(model), "--device", "cpu", "--dtype", "fp32", "--mode", "head", "-q"]
-    assert main(["predict", str(root), *common, "--out", str(tmp_path / "local.jsonl")]) == 2  # one broken file
-    assert main(["predict", str(root), *common, "--engine", "ray", "--out", str(tmp_path / "ray.jsonl")]) == 2
+    assert main(["predict", str(root), *common, "--out", str(tmp_path / "local.jsonl"),
+                 "--save-maps", str(tmp_path / "local_maps")]) == 2  # one broken file
+    assert main(["predict", str(root), *common, "--engine", "ray", "--out", str(tmp_path / "ray.jsonl"),
+                 "--save-maps", str(tmp_path / "ray_maps")]) == 2
     local, remote = _rows(tmp_path / "local.jsonl"), _rows(tmp_path / "ray.jsonl")
     assert [r["path"] for r in remote] == [r["path"] for r in local] and len(remote) == 11
     for a, b in zip(local, remote):
@@ -47,6 +49,8 @@ def test_ray_rows_equal_local_rows(local_ray, tiny_detector, tmp_path):
         else:
             assert abs(a["score"] - b["score"]) < 1e-5 and b["mode"] == "head" and b["error"] is None
             assert (b["height"], b["width"]) == (40, 48)
+            np.testing.assert_allclose(np.load(b["map_path"]), np.load(a["map_path"]), atol=1e-5)  # maps beside
+            assert b["map_path"].replace("ray_maps", "local_maps") == a["map_path"]
     import pyarrow.parquet as pq
 
     assert main(["predict", str(root), *common, "--engine", "ray", "--out", str(tmp_path / "ray.parquet")]) == 2

@@ -317,8 +317,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_rows_ray(args: argparse.Namespace, inputs: List[tuple], keys: List, writer, files) -> tuple:
     """The rows of local predict, scored by Ray actors (see :mod:`visualad.scale.ray_predict`)."""
-    if args.overlays is not None or args.save_maps is not None or args.resume:
-        raise VisualADError("--engine ray writes rows only: --overlays, --save-maps and --resume are local")
+    if args.overlays is not None or args.resume:
+        raise VisualADError("--engine ray writes rows and maps: --overlays and --resume are local")
     try:
         from .scale.ray_predict import predict_with_ray
     except ImportError as exc:
@@ -329,7 +329,7 @@ def _predict_rows_ray(args: argparse.Namespace, inputs: List[tuple], keys: List,
                                                device=args.device if args.device != "auto" else "cpu",
                                                dtype=args.dtype, batch_size=args.batch_size,
                                                compare_with=args.compare_with, threshold=args.threshold,
-                                               references=refs)):
+                                               references=refs, maps=args.save_maps, map_format=args.map_format)):
         if key is not None:
             row["file_size"], row["file_mtime_ns"] = key[1], key[2]
         failed += row.get("error") is not None

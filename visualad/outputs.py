@@ -38,6 +38,21 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def write_map(target: Path, amap: np.ndarray, map_format: str = "npy") -> Dict[str, Any]:
+    """One raw map, atomically: ``.npy`` float32, or a 16-bit PNG scaled to ``map_range`` (value = lo + png /
+    65535 * (hi - lo)); returns the row fields that name it."""
+    amap = np.asarray(amap, dtype=np.float32)
+    if map_format == "npy":
+        buf = io.BytesIO()
+        np.save(buf, amap)
+        atomic_write_bytes(target, buf.getvalue())
+        return {"map_path": str(target)}
+    lo, hi = float(amap.min()), float(amap.max())
+    u16 = np.round((amap - lo) / (hi - lo if hi > lo else 1.0) * 65535.0).astype(np.uint16)
+    atomic_write_bytes(target, _png_bytes(u16))
+    return {"map_path": str(target), "map_range": [lo, hi]}
+
+
 class OutputFiles:
     """Targets and writers for ``--overlays`` (a picture per input) and ``--save-maps`` (the raw map, and the
     predicted mask when a pixel threshold exists)."""
@@ -79,7 +94,7 @@ class OutputFiles:
                 atomic_write_bytes(target, buf.getvalue())
             if self.maps is not None:
                 target = self.maps[i]
-                fields.update(self._write_map(target, res.anomaly_map))
+                fields.update(write_map(target, res.anomaly_map, self.map_format))
                 if res.pred_mask is not None:
                     target = self.masks[i]
                     atomic_write_bytes(target, _png_bytes(res.pred_mask.astype(np.uint8) * 255))
@@ -89,16 +104,3 @@ class OutputFiles:
         finally:
             res.image = None  # drawn: the pixels are not needed any more
         return fields
-
-    def _write_map(self, target: Path, amap: np.ndarray) -> Dict[str, Any]:
-        amap = np.asarray(amap, dtype=np.float32)
-        if self.map_format == "npy":
-            buf = io.BytesIO()
-            np.save(buf, amap)
-            atomic_write_bytes(target, buf.getvalue())
-            return {"map_path": str(target)}
-        lo, hi = float(amap.min()), float(amap.max())
-        u16 = np.round((amap - lo) / (hi - lo if hi > lo else 1.0) * 65535.0).astype(np.uint16)
-        atomic_write_bytes(target, _png_bytes(u16))
-        # value = lo + png / 65535 * (hi - lo)
-        return {"map_path": str(target), "map_range": [lo, hi]}

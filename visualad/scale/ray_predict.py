@@ -16,7 +16,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("path", "score", "label", "normalized_score", "threshold", "mode", "error", "height", "width")
+COLUMNS = ("path", "score", "label", "normalized_score", "threshold", "mode", "error", "height", "width", "map_path",
+           "map_range")
 
 
 class Scorer:
@@ -24,7 +25,7 @@ class Scorer:
 
     def __init__(self, model: Optional[str], mode: str, device: str, dtype: str, batch_size: int,
                  compare_with: int, threshold: Optional[float], references: Optional[List[str]],
-                 threads: int) -> None:
+                 threads: int, map_format: str = "npy") -> None:
         import torch
 
         from ..detector import AnomalyDetector
@@ -35,22 +36,31 @@ class Scorer:
         if references:
             self.det.set_references(references)
         self.mode, self.batch_size = mode, batch_size
-        self.compare_with, self.threshold = compare_with, threshold
+        self.compare_with, self.threshold, self.map_format = compare_with, threshold, map_format
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List[Any]]:
         from ..errors import VisualADError
 
+        from ..outputs import write_map
+
         paths = [str(p) for p in batch["path"]]
+        maps = [str(m) for m in batch["map"]]  # "" when no map is kept
         rows = []
         try:
             mode = self.det.scoring_mode(self.mode, len(paths), compare_with=self.compare_with)
             results = list(self.det.predict_iter(paths, batch_size=self.batch_size, on_error="return",
-                                                 threshold=self.threshold, mode=mode, at_model_size=True))
+                                                 threshold=self.threshold, mode=mode,
+                                                 at_model_size=not any(maps)))
         except VisualADError as exc:  # e.g. a batch-mode set of fewer than 4 images: error rows, not a failed job
             results = [None] * len(paths)
             reason = str(exc)
-        for path, res in zip(paths, results):
+        for path, target, res in zip(paths, maps, results):
             row = res.to_dict() if res is not None else {"path": path, "score": None, "error": reason}
+            if res is not None and res.ok and target:
+                try:
+                    row.update(write_map(Path(target), res.anomaly_map, self.map_format))
+                except OSError as exc:  # this row fails, not the job
+                    row["error"] = f"not written: {target}: {exc.strerror or exc}"
             row["path"] = path
             rows.append(row)
         out: Dict[str, List[Any]] = {k: [r.get(k) for r in rows] for k in COLUMNS}
@@ -69,10 +79,13 @@ def _start(address: Optional[str]) -> None:
 def predict_with_ray(inputs: Sequence[Tuple[Path, Optional[Path]]], model: Optional[str], mode: str = "auto",
                      address: Optional[str] = None, device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
                      compare_with: int = 64, threshold: Optional[float] = None,
-                     references: Optional[List[str]] = None, actors: int = 0, group_by: str = "folder"
-                     ) -> Iterator[Dict[str, Any]]:
-    """Rows of ``inputs`` (file, the folder it was found in), in input order, scored on a Ray cluster."""
+                     references: Optional[List[str]] = None, actors: int = 0, group_by: str = "folder",
+                     maps: Optional[Path] = None, map_format: str = "npy") -> Iterator[Dict[str, Any]]:
+    """Rows of ``inputs`` (file, the folder it was found in), in input order, scored on a Ray cluster; with
+    ``maps`` (a folder every worker can write) each raw map is written there, named as local predict names it."""
     import ray
+
+    from ..outputs import target_paths
 
     _start(address)
     ctx = ray.data.DataContext.get_current()
@@ -81,12 +94,15 @@ def predict_with_ray(inputs: Sequence[Tuple[Path, Optional[Path]]], model: Optio
     gpu = device.startswith("cuda")
     # one CPU stays free for Ray Data's own tasks (an actor pool that takes every CPU can stall the pipeline)
     n_actors = actors or (int(ray.available_resources().get("GPU", 1)) if gpu else max(1, cpus - 1))
-    items = [{"index": i, "path": str(p), "group": str(Path(p).parent) if group_by == "folder" else ""}
-             for i, (p, _) in enumerate(inputs)]
+    targets = (target_paths(inputs, maps, ".npy" if map_format == "npy" else ".png") if maps is not None
+               else [""] * len(inputs))
+    items = [{"index": i, "path": str(p), "map": str(t), "group": str(Path(p).parent) if group_by == "folder" else ""}
+             for i, ((p, _), t) in enumerate(zip(inputs, targets))]
     kwargs = dict(fn_constructor_kwargs={"model": model, "mode": mode, "device": device, "dtype": dtype,
                                          "batch_size": batch_size, "compare_with": compare_with,
                                          "threshold": threshold, "references": references,
-                                         "threads": 0 if gpu else max(1, (cpus - 1) // n_actors)},
+                                         "threads": 0 if gpu else max(1, (cpus - 1) // n_actors),
+                                         "map_format": map_format},
                   concurrency=n_actors, batch_format="numpy",
                   **({"num_gpus": 1} if gpu else {"num_cpus": 1}))
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * n_actors)))
