@@ -178,8 +178,10 @@ def test_visualad_serve_answers_then_exits_0_on_sigterm(det, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # a lone request waits up to 3 s for others to share its forward: it is in flight when SIGTERM comes
     proc = subprocess.Popen([sys.executable, "-m", "visualad", "serve", "--model", str(model), "--device", "cpu",
-                             "--port", str(port), "-q"], stderr=subprocess.PIPE, text=True)
+                             "--port", str(port), "--max-batch-size", "64", "--max-latency-ms", "3000", "-q"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -191,11 +193,16 @@ def test_visualad_serve_answers_then_exits_0_on_sigterm(det, tmp_path):
                 pass
             assert time.monotonic() < deadline and proc.poll() is None, "the server did not come up"
             time.sleep(0.2)
-        code, body = post_files(url + "/predict?mode=head", [("a.png", _png(1))])
-        assert code == 200 and body["results"][0]["error"] is None
+        answers = []
+        client = threading.Thread(target=lambda: answers.append(
+            post_files(url + "/predict?mode=head", [("a.png", _png(1))])))
+        client.start()
+        time.sleep(1.0)
         os.kill(proc.pid, signal.SIGTERM)
+        client.join(timeout=60)
         rc = proc.wait(timeout=30)
         err = proc.stderr.read()
+        assert answers and answers[0][0] == 200 and answers[0][1]["results"][0]["error"] is None
     finally:
         if proc.poll() is None:
             proc.kill()
