@@ -330,15 +330,20 @@ def _predict_rows_ray(args: argparse.Namespace, inputs: List[tuple], keys: List,
                                                dtype=args.dtype, batch_size=args.batch_size,
                                                compare_with=args.compare_with, threshold=args.threshold,
                                                references=refs, maps=args.save_maps, map_format=args.map_format)):
-        if key is not None:
-            row["file_size"], row["file_mtime_ns"] = key[1], key[2]
+        _emit(row, key, writer)
         failed += row.get("error") is not None
         flagged += bool(row.get("label"))
-        if writer is not None:
-            writer.write(row)
-        else:
-            print(json.dumps(row), flush=True)
     return len(inputs), flagged, failed
+
+
+def _emit(row: dict, key, writer) -> None:
+    """A finished row, with its input's size and mtime (what --resume keys on), to --out or standard output."""
+    if key is not None:
+        row["file_size"], row["file_mtime_ns"] = key[1], key[2]
+    if writer is not None:
+        writer.write(row)
+    else:
+        print(json.dumps(row), flush=True)
 
 
 def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, writer, files) -> tuple:
@@ -368,14 +373,9 @@ def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, wri
         row.update(extra)
         if res.ok and res.pred_mask is not None:
             row["regions"] = res.regions()
-        if keys[i] is not None:
-            row["file_size"], row["file_mtime_ns"] = keys[i][1], keys[i][2]
+        _emit(row, keys[i], writer)
         failed += not res.ok
         flagged += bool(res.pred_label)
-        if writer is not None:
-            writer.write(row)
-        else:
-            print(json.dumps(row), flush=True)
     return len(todo), flagged, failed
 
 

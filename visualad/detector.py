@@ -12,7 +12,6 @@ import torch
 from .config import VisualADConfig
 from .data import images as imio
 from .data.files import iter_image_files
-from .errors import WeightsError
 from .model import VisualAD
 from .modes.batch import BatchMode
 from .modes.choice import ModeChooser
@@ -21,7 +20,7 @@ from .modes.references import ReferenceBank, ReferencesMode
 from .progress import progress_bar
 from .result import AnomalyResult
 from .runtime.engine import Engine
-from .runtime.postprocess import Thresholds, make_result
+from .runtime.postprocess import Thresholds, finish
 from .runtime.precision import dtype_name
 from .types import PathLike
 
@@ -248,14 +247,10 @@ class AnomalyDetector:
             raise ValueError("batch_size must be >= 1")
         n = len(items) if hasattr(items, "__len__") else None
         scorer = self.scoring_mode(mode, n, compare_with, seed)
-        described = scorer.describe()
-        dtype = dtype_name(self.dtype)
         bar = progress_bar(n, progress, unit="img")
-        for x, amap, score in self.engine.run(items, scorer, batch_size, keep_image=keep_image, on_error=on_error):
-            res = make_result(x, amap, score, scorer.name, at_model_size=at_model_size)
-            if x.ok and not res.ok and on_error == "raise":  # the input was fine, the output is not finite
-                raise WeightsError(res.error)
-            self._thresholds.apply(res, self.config, described, dtype, threshold)
+        scored = self.engine.run(items, scorer, batch_size, keep_image=keep_image, on_error=on_error)
+        for res in finish(scored, scorer, self.config, self._thresholds, dtype_name(self.dtype), threshold,
+                          at_model_size, on_error):
             bar.update(1)
             yield res
         bar.close()

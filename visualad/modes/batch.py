@@ -9,7 +9,6 @@ images' content (then the seed), so results do not depend on the order the image
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -17,9 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from . import knn
-from .choice import MIN_IMAGES, WARN_BELOW
-
-logger = logging.getLogger(__name__)
+from .choice import check_set_size
 
 NAME = "batch"
 
@@ -44,16 +41,6 @@ class BatchMode:
     def blocks_for(self, depth: int) -> Tuple[int, ...]:
         return self.blocks or knn.blocks_for_depth(depth)
 
-    @staticmethod
-    def check_count(n: int) -> None:
-        if n < MIN_IMAGES:
-            raise ConfigError(f"batch mode scores a set against itself and needs at least {MIN_IMAGES} images "
-                              f"of one product, got {n}; use mode='references' with a few normal images, or "
-                              "mode='head'")
-        if n < WARN_BELOW:
-            logger.warning("batch mode on %d images: below %d images quality drops (0.03-0.10 image AUROC "
-                           "measured); give more images of the product at once", n, WARN_BELOW)
-
     def order(self, digests: Sequence[str]) -> List[int]:
         """The comparison order: sorted by content, then a seeded shuffle (independent of the input order)."""
         by_content = sorted(range(len(digests)), key=lambda i: (digests[i], i))
@@ -64,7 +51,7 @@ class BatchMode:
     def score_set(self, features: Dict[Tuple[int, int], torch.Tensor], digests: Sequence[str]) -> torch.Tensor:
         """Unit features per (block, r), each [N, P, C] in input order -> patch-grid maps [N, g, g]."""
         n = len(digests)
-        self.check_count(n)
+        check_set_size(n)
         order = torch.tensor(self.order(digests))
         total = None
         for f in features.values():

@@ -20,6 +20,18 @@ UNTRAINED_HEAD_HELP = (f"give a few normal images of the product (set_references
                        "det.finetune('<auxiliary dataset with masks>', out_dir='my-model') or visualad finetune")
 
 
+def check_set_size(n: int) -> None:
+    """A batch-mode set: fewer than 4 images is a typed error, fewer than 16 a warning (both detectors)."""
+    if n < MIN_IMAGES:
+        raise ConfigError(f"batch mode scores a set against itself and needs at least {MIN_IMAGES} images "
+                          f"of one product, got {n}; use mode='references' with a few normal images, or "
+                          "mode='head'")
+    if n < WARN_BELOW:
+        logging.getLogger("visualad.modes.batch").warning(
+            "batch mode on %d images: below %d images quality drops (0.03-0.10 image AUROC measured); give more "
+            "images of the product at once", n, WARN_BELOW)
+
+
 class ModeChooser:
     """``choose`` names the mode of a call; it warns once per detector when it falls back to the head.
 

@@ -17,11 +17,11 @@ import numpy as np
 from ..config import VisualADConfig
 from ..data import images as imio
 from ..data.files import iter_image_files
-from ..errors import ConfigError, VisualADError, WeightsError
-from ..modes.choice import MIN_IMAGES, ModeChooser
+from ..errors import VisualADError, WeightsError
+from ..modes.choice import ModeChooser, check_set_size
 from ..result import AnomalyResult
-from ..runtime.postprocess import Thresholds, make_result
-from ..runtime.readahead import Loaded, batched, read_ahead
+from ..runtime.postprocess import Thresholds, finish
+from ..runtime.readahead import Loaded, batched, paired, read_ahead
 from ..types import PathLike
 from . import knn
 from .meta import read_meta
@@ -167,21 +167,17 @@ class OnnxDetector:
             raise ValueError("batch_size must be >= 1")
         n = len(items) if hasattr(items, "__len__") else None
         scorer = self.scoring_mode(mode, n, compare_with, seed)
-        described = scorer.describe()
         stream = batched(read_ahead(items, self.image_size, keep_image=keep_image, on_error=on_error,
                                     in_flight=2 * batch_size), batch_size)
         scored = self._set(stream, scorer) if scorer.name == "batch" else self._batches(stream, scorer)
-        for x, amap, score in scored:
-            res = make_result(x, amap, score, scorer.name, at_model_size=at_model_size, resize=resize_bilinear)
-            if x.ok and not res.ok and on_error == "raise":
-                raise WeightsError(res.error)
-            self._thresholds.apply(res, self.config, described, "fp32", threshold)
-            yield res
+        yield from finish(scored, scorer, self.config, self._thresholds, "fp32", threshold, at_model_size, on_error,
+                          resize=resize_bilinear)
 
     def _batches(self, stream: Iterable[List[Loaded]], scorer: _Mode
                  ) -> Iterator[Tuple[Loaded, Optional[np.ndarray], float]]:
         for chunk in stream:
             good = [x for x in chunk if x.ok]
+            maps = scores = None
             if good:
                 squares = [x.square for x in good]
                 if scorer.name == "head":
@@ -189,14 +185,7 @@ class OnnxDetector:
                 else:
                     feats = self._features(squares)
                     maps, scores = self._grid_to_map(knn.references_grid(feats, self.references))
-            j = 0
-            for x in chunk:
-                if x.ok:
-                    x.square = None
-                    yield x, maps[j], float(scores[j])
-                    j += 1
-                else:
-                    yield x, None, float("nan")
+            yield from paired(chunk, maps, scores)
 
     def _set(self, stream: Iterable[List[Loaded]], scorer: _Mode
              ) -> Iterator[Tuple[Loaded, Optional[np.ndarray], float]]:
@@ -212,20 +201,12 @@ class OnnxDetector:
             for x in chunk:
                 x.square = None
             loaded += chunk
-        if len(digests) < MIN_IMAGES:
-            raise ConfigError(f"batch mode scores a set against itself and needs at least {MIN_IMAGES} images "
-                              f"of one product, got {len(digests)}")
+        check_set_size(len(digests))
         feats = {k: np.concatenate(v) for k, v in parts.items()}
         order = knn.comparison_order(digests, scorer.seed)
         maps, scores = self._grid_to_map(knn.batch_grid(feats, order, scorer.compare_with,
                                                         float(self.meta["fraction"])))
-        j = 0
-        for x in loaded:
-            if x.ok:
-                yield x, maps[j], float(scores[j])
-                j += 1
-            else:
-                yield x, None, float("nan")
+        yield from paired(loaded, maps, scores)
 
 
 def load(path: PathLike) -> OnnxDetector:

@@ -17,7 +17,7 @@ from ..model import VisualAD
 from ..modes import knn
 from ..modes.references import image_digest
 from .precision import autocast, resolve_device, resolve_dtype
-from .readahead import Loaded, batched, read_ahead
+from .readahead import Loaded, batched, paired, read_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +96,7 @@ class Engine:
             maps = scores = None
             if good:
                 maps, scores = self.score_arrays([x.square for x in good], mode)
-            j = 0
-            for x in chunk:
-                if x.ok:
-                    x.square = None  # drop the pixels as soon as they are scored
-                    yield x, maps[j], float(scores[j])
-                    j += 1
-                else:
-                    yield x, None, float("nan")
+            yield from paired(chunk, maps, scores)
 
     def _run_set(self, items: Iterable[Any], mode: Any, batch_size: int, *, keep_image: bool,
                  on_error: str) -> Iterator[Tuple[Loaded, Optional[np.ndarray], float]]:
@@ -134,13 +127,7 @@ class Engine:
                     scores = maps.flatten(1).amax(dim=1).cpu().numpy()
                     maps = maps.cpu().numpy()
                     done += n_ok
-                j = 0
-                for x in chunk:
-                    if x.ok:
-                        yield x, maps[j], float(scores[j])
-                        j += 1
-                    else:
-                        yield x, None, float("nan")
+                yield from paired(chunk, maps, scores)
 
     def _run_stream(self, items: Iterable[Any], mode: Any, batch_size: int, *, keep_image: bool,
                     on_error: str) -> Iterator[Tuple[Loaded, Optional[np.ndarray], float]]:

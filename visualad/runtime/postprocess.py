@@ -6,12 +6,13 @@ mode they are not applied, and the result says so once in the log instead of fla
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 
 from ..config import VisualADConfig
 from ..data import images as imio
+from ..errors import WeightsError
 from ..result import AnomalyResult
 from .readahead import Loaded
 
@@ -32,6 +33,21 @@ def make_result(x: Loaded, model_map: Optional[np.ndarray], score: float, mode: 
     amap = model_map if at_model_size else resize(model_map, x.height, x.width)
     return AnomalyResult(pred_score=score, anomaly_map=amap, image_path=x.path, image=x.image, mode=mode,
                          image_size=(x.height, x.width))
+
+
+def finish(scored: Iterable[Tuple[Loaded, Optional[np.ndarray], float]], scorer: Any, config: VisualADConfig,
+           thresholds: "Thresholds", dtype: str, threshold: Optional[float] = None, at_model_size: bool = False,
+           on_error: str = "return", resize: Callable[[np.ndarray, int, int], np.ndarray] = imio.resize_map
+           ) -> Iterator[AnomalyResult]:
+    """(input, model-size map, score) -> results with the thresholds of ``scorer``'s mode applied; a
+    non-finite output of a readable input raises :class:`WeightsError` when ``on_error="raise"``."""
+    described = scorer.describe()
+    for x, amap, score in scored:
+        res = make_result(x, amap, score, scorer.name, at_model_size=at_model_size, resize=resize)
+        if x.ok and not res.ok and on_error == "raise":  # the input was fine, the output is not finite
+            raise WeightsError(res.error)
+        thresholds.apply(res, config, described, dtype, threshold)
+        yield res
 
 
 class Thresholds:

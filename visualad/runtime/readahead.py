@@ -9,7 +9,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Deque, Iterable, Iterator, List, Optional
+from typing import Any, Deque, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -63,6 +63,19 @@ def read_ahead(items: Iterable[Any], size: int, *, keep_image: bool = False, on_
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def paired(chunk: Iterable[Loaded], maps: Any, scores: Any) -> Iterator[Tuple[Loaded, Optional[np.ndarray], float]]:
+    """Each input of a chunk with its map and score; ``maps``/``scores`` hold rows for the inputs that loaded,
+    in order; an input that failed gets none. The scored pixels are dropped on the way."""
+    j = 0
+    for x in chunk:
+        if x.ok:
+            x.square = None
+            yield x, maps[j], float(scores[j])
+            j += 1
+        else:
+            yield x, None, float("nan")
 
 
 def batched(loaded: Iterable[Loaded], batch_size: int) -> Iterator[List[Loaded]]:

@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ConfigError, VisualADError
-from ..runtime.postprocess import Thresholds, make_result
+from ..runtime.postprocess import Thresholds, finish
 from ..runtime.precision import dtype_name
 from ..runtime.readahead import Loaded, load_one
 from .batcher import Batcher
@@ -100,14 +100,12 @@ def create_app(detector: Any, model_name: str = "visualad", token: Optional[str]
         try:
             with settings_lock:
                 scorer = detector.scoring_mode(mode, len(loaded))
-                described = scorer.describe()
             maps, scores = batcher.score([x.square for x in loaded], scorer)
         except ConfigError as exc:
             raise _BadRequest(400, str(exc)) from None
         out = []
-        for x, m, s in zip(loaded, maps, scores):
-            res = make_result(x, m, float(s), scorer.name)
-            thresholds.apply(res, detector.config, described, dtype_name(detector.dtype))
+        scored = ((x, m, float(s)) for x, m, s in zip(loaded, maps, scores))
+        for x, res in zip(loaded, finish(scored, scorer, detector.config, thresholds, dtype_name(detector.dtype))):
             row = res.to_dict()
             row["path"] = x.path
             row["regions"] = res.regions() if res.ok else []
