@@ -130,7 +130,7 @@ def main() -> None:
         test = load_dataset(args.data / root, split="test").by_category()[cat]
         train = load_dataset(args.data / root, split="train")
         refs = draw_references(train, cat, args.shots, 42)
-        to_batches = lambda paths: [engine.to_batch([imio.resize_to_square(imio.load_image(p).array, args.size)  # noqa: E731
+        to_batches = lambda paths: [engine.prepare([imio.resize_to_square(imio.load_image(p).array, args.size)  # noqa: E731
                                                      for p in paths[i:i + BATCH]]) for i in range(0, len(paths), BATCH)]
         ref_batches = to_batches(refs)
         test_batches = to_batches([s.image_path for s in test])

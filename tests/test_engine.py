@@ -50,9 +50,9 @@ def test_tensor_entry_equals_the_array_entry(tiny_detector):
     eng = tiny_detector.engine
     squares = [resize_to_square(i, 56) for i in _images(2)]
     maps, scores = eng.score_arrays(squares, HeadMode())
-    t_maps, t_scores = eng.score(eng.to_batch(squares), HeadMode())
-    np.testing.assert_array_equal(maps, t_maps.numpy())
-    np.testing.assert_array_equal(scores, t_scores.numpy())
+    t_maps, t_scores = eng.score(eng.prepare(squares), HeadMode())
+    np.testing.assert_array_equal(maps, t_maps)
+    np.testing.assert_array_equal(scores, t_scores)
 
 
 def test_calibrate_with_masks_runs_each_image_once(tiny_detector):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from visualad.errors import ConfigError, WeightsError
 from visualad.modes import knn
 from visualad.modes.batch import BatchMode
-from visualad.modes.references import ReferenceBank
+from visualad.modes.bank import ReferenceBank
 
 
 def _unit(*shape, seed=0):
@@ -221,9 +221,9 @@ def test_eval_in_batch_mode_scores_each_category_as_its_own_set(tiny_detector, s
     sizes = []
     original = BatchMode.score_set
 
-    def spy(self, features, digests):
+    def spy(self, backend, features, digests):
         sizes.append(len(digests))
-        return original(self, features, digests)
+        return original(self, backend, features, digests)
 
     monkeypatch.setattr(BatchMode, "score_set", spy)
     report = tiny_detector.evaluate(shared_data / "mvtec_ad_reduced", mode="batch", progress=False)

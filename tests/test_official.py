@@ -186,6 +186,23 @@ def test_converted_directory_contents_and_provenance(tiny_setup):
     assert not list(tiny_setup["root"].glob(".converted*"))  # no temporary directory left behind
 
 
+def test_converted_backbone_file_is_listed_and_verified_at_load(tiny_setup, tmp_path):
+    import shutil
+
+    d = shutil.copytree(tiny_setup["dir"], tmp_path / "copy")
+    files = json.loads((d / "config.json").read_text())["files"]
+    assert sorted(files) == ["backbone.safetensors", "model.safetensors"]
+    import hashlib
+
+    assert files["backbone.safetensors"] == hashlib.sha256((d / "backbone.safetensors").read_bytes()).hexdigest()
+    AnomalyDetector.from_pretrained(d, device="cpu")  # loads as written
+    raw = bytearray((d / "backbone.safetensors").read_bytes())
+    raw[-1] ^= 0xFF  # one byte of a weight changed
+    (d / "backbone.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(WeightsError, match="backbone.safetensors does not match the digest"):
+        AnomalyDetector.from_pretrained(d, device="cpu")
+
+
 def test_load_final_norm_uses_the_checkpoint_ln_post(tiny_setup, tmp_path):
     out = convert_official(tiny_setup["ckpt_path"], tmp_path / "with-ln", backbone=TINY_CLIP["backbone"],
                            backbone_weights=tiny_setup["bb_path"], load_final_norm=True, **TINY_OVERRIDES)
@@ -399,12 +416,10 @@ def test_official_model_dir_downloads_converts_and_caches(tiny_setup, fake_hub, 
     assert official_model_dir("tiny-official", entry, cache_dir=cache, local_files_only=True) == out
     assert fake_hub.count() == n
 
-    # with the backbone fetched (here: copied in), the directory predicts like the reference
+    # a backbone file slipped in beside the config is not in its digest list: refused, never loaded unchecked
     shutil.copy(tiny_setup["dir"] / "backbone.safetensors", out / "backbone.safetensors")
-    det = AnomalyDetector.from_pretrained(out, device="cpu")
-    maps, _ = det.model.predict_maps(_images(1))
-    ref, _ = reference_predict(tiny_setup["ckpt"], tiny_setup["tower"], _images(1))
-    assert np.abs(maps.numpy() - ref).max() < 1e-4
+    with pytest.raises(WeightsError, match="not listed in config.json"):
+        AnomalyDetector.from_pretrained(out, device="cpu")
 
 
 def test_official_model_dir_refuses_a_corrupted_download(tiny_setup, fake_hub, tmp_path):

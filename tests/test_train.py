@@ -145,7 +145,7 @@ def test_overfitting_one_batch_lowers_the_loss(tiny_detector, tmp_path):
     data = TrainingSet(_make_mvtec(tmp_path / "aux"), SIZE, TrainConfig())
     batch = data._collate([data.load(i, 0) for i in range(len(data))])
     det = tiny_detector
-    x = det.engine.to_batch(list(batch.images))
+    x = det.engine.prepare(list(batch.images))
     masks, labels, w = (torch.from_numpy(a) for a in (batch.masks, batch.labels, batch.has_mask))
     cfg = TrainConfig(lr_tokens=1e-2, lr_rest=1e-3, eta_min=1e-3)
     opt, _ = build_optimizer(det.model, cfg)

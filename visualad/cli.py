@@ -254,7 +254,7 @@ def _load_detector(args: argparse.Namespace):
 def command_uses_onnx(args: argparse.Namespace) -> bool:
     from .onnx.meta import is_export
 
-    return args.command == "predict" and Path(args.model).is_dir() and is_export(args.model)
+    return args.command in ("predict", "serve") and Path(args.model).is_dir() and is_export(args.model)
 
 
 def _references(det, folder: Optional[Path]) -> None:
@@ -269,10 +269,7 @@ def _references(det, folder: Optional[Path]) -> None:
 def _announce_mode(args: argparse.Namespace, det, scorer, n: int) -> None:
     if args.quiet:
         return
-    why = {"references": "normal reference images are set",
-           "head": "the trained head" if det.config.head_trained else "an untrained head, as asked",
-           "batch": f"{n} images scored against each other"}[scorer.name]
-    print(f"visualad {args.command}: {scorer.name} mode ({why})", file=sys.stderr)
+    print(f"visualad {args.command}: {scorer.name} mode ({scorer.why(n, det.config.head_trained)})", file=sys.stderr)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -286,8 +283,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs = list(expand_paths(args.paths))
     if not inputs:
         raise VisualADError("no images found under " + ", ".join(args.paths))
-    files = OutputFiles(inputs, overlays=args.overlays, style=args.overlay_style, cmap=args.cmap, alpha=args.alpha,
-                        maps=args.save_maps, map_format=args.map_format)
+    files = OutputFiles.for_inputs(inputs, overlays=args.overlays, maps=args.save_maps, map_format=args.map_format,
+                                   style=args.overlay_style, cmap=args.cmap, alpha=args.alpha)
     keys = [input_key(p) for p, _ in inputs]
     writer = RowWriter(args.out, resume=args.resume, inputs=keys) if args.out else None
     start = time.perf_counter()
@@ -355,7 +352,7 @@ def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, wri
     det = _load_detector(args)
     _references(det, args.references)
     scorer = det.scoring_mode(args.mode, len(todo), compare_with=args.compare_with)
-    if scorer.name == "batch" and writer is not None and writer.kept:
+    if scorer.kind != "images" and writer is not None and writer.kept:
         raise VisualADError("--resume works in head and references mode: batch mode scores the whole set "
                             "together; run again without --resume")
     _announce_mode(args, det, scorer, len(todo))
@@ -368,12 +365,7 @@ def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, wri
     for i, res in zip(todo, results):
         if res.image_path is None:
             res.image_path = str(inputs[i][0])
-        extra = files.write(i, res)
-        row = res.to_dict()
-        row.update(extra)
-        if res.ok and res.pred_mask is not None:
-            row["regions"] = res.regions()
-        _emit(row, keys[i], writer)
+        _emit(files.row(i, res), keys[i], writer)
         failed += not res.ok
         flagged += bool(res.pred_label)
     return len(todo), flagged, failed

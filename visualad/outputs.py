@@ -57,18 +57,28 @@ class OutputFiles:
     """Targets and writers for ``--overlays`` (a picture per input) and ``--save-maps`` (the raw map, and the
     predicted mask when a pixel threshold exists)."""
 
-    def __init__(self, inputs: Sequence[Input], overlays: Optional[Path] = None, style: str = "overlay",
-                 cmap: str = "jet", alpha: float = 0.5, maps: Optional[Path] = None,
+    def __init__(self, overlays: Optional[List[Path]] = None, maps: Optional[List[Path]] = None,
+                 masks: Optional[List[Path]] = None, style: str = "overlay", cmap: str = "jet", alpha: float = 0.5,
                  map_format: str = "npy") -> None:
+        """Writers for given targets (input i -> ``overlays[i]``, ``maps[i]``, ``masks[i]``); see
+        :meth:`for_inputs` for the targets of predict's inputs."""
         if map_format not in MAP_FORMATS:
             raise ValueError(f"map_format must be one of {MAP_FORMATS}")
+        self.style, self.cmap, self.alpha, self.map_format = style, cmap, alpha, map_format
+        self.overlays, self.maps, self.masks = overlays, maps, masks
+
+    @classmethod
+    def for_inputs(cls, inputs: Sequence[Input], overlays: Optional[Path] = None, maps: Optional[Path] = None,
+                   map_format: str = "npy", **style: Any) -> "OutputFiles":
+        """The targets of ``inputs`` under the ``overlays`` and ``maps`` folders (made here: an unusable folder
+        is one error, not one per row)."""
         for folder in (overlays, maps):
             if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)  # an unusable folder is one error, not one per row
-        self.style, self.cmap, self.alpha, self.map_format = style, cmap, alpha, map_format
-        self.overlays = target_paths(inputs, overlays, ".png") if overlays is not None else None
-        self.maps = target_paths(inputs, maps, ".npy" if map_format == "npy" else ".png") if maps else None
-        self.masks = target_paths(inputs, maps, ".mask.png") if maps is not None else None
+                folder.mkdir(parents=True, exist_ok=True)
+        return cls(overlays=target_paths(inputs, overlays, ".png") if overlays is not None else None,
+                   maps=target_paths(inputs, maps, ".npy" if map_format == "npy" else ".png") if maps else None,
+                   masks=target_paths(inputs, maps, ".mask.png") if maps is not None else None,
+                   map_format=map_format, **style)
 
     @property
     def needs_image(self) -> bool:
@@ -77,6 +87,13 @@ class OutputFiles:
     @property
     def needs_full_map(self) -> bool:
         return self.overlays is not None or self.maps is not None
+
+    def row(self, i: int, res: AnomalyResult) -> Dict[str, Any]:
+        """Input ``i``'s files written, then its row (:meth:`AnomalyResult.to_row` and the files' names)."""
+        fields = self.write(i, res)
+        row = res.to_row()
+        row.update(fields)
+        return row
 
     def write(self, i: int, res: AnomalyResult) -> Dict[str, Any]:
         """Write input ``i``'s files; returns the row fields that name them. A failure sets ``res.error``."""

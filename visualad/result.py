@@ -8,6 +8,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 
+#: the columns of a row (:meth:`AnomalyResult.to_row` plus what the output writers add), in order
+ROW_COLUMNS = ("path", "score", "label", "normalized_score", "threshold", "mode", "error", "height", "width",
+               "map_path", "mask_path", "map_range", "regions")
+
+
 @dataclass
 class AnomalyResult:
     """Score and heat map of one image, at the image's original (displayed) resolution.
@@ -61,15 +66,16 @@ class AnomalyResult:
         pixels of the map), area in pixels and peak score. Empty without a pixel threshold."""
         if self.pred_mask is None or self.anomaly_map is None:
             return []
-        import cv2
+        from .regions import regions
 
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(self.pred_mask.astype(np.uint8), connectivity=8)
-        out = []
-        for i in range(1, n):
-            x, y, w, h, area = (int(v) for v in stats[i])
-            peak = float(self.anomaly_map[labels == i].max())
-            out.append({"x": x, "y": y, "width": w, "height": h, "area": area, "peak": peak})
-        return sorted(out, key=lambda r: -r["peak"])
+        return regions(self.pred_mask, self.anomaly_map)
+
+    def to_row(self) -> Dict[str, Any]:
+        """The one row of a result, as the CLI, Ray and the service write it (:data:`ROW_COLUMNS`; the
+        output writers add ``map_path``, ``mask_path`` and ``map_range`` for the files they write)."""
+        row = self.to_dict()
+        row["regions"] = self.regions() if self.ok else []
+        return row
 
     def to_dict(self, with_map: bool = False) -> Dict[str, Any]:
         """A JSON-serialisable summary; the map (as nested lists) only when asked."""

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import IO, Any, Dict, Iterable, Optional, Tuple
 
+from .result import ROW_COLUMNS
+
 logger = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
@@ -21,8 +23,7 @@ FSYNC_EVERY = 64  # rows
 
 Key = Tuple[str, int, int]
 #: the CSV columns: the JSONL fields, lists and objects as JSON text
-CSV_COLUMNS = ("path", "score", "label", "normalized_score", "threshold", "mode", "error", "height", "width",
-               "map_path", "mask_path", "map_range", "regions", "file_size", "file_mtime_ns")
+CSV_COLUMNS = ROW_COLUMNS + ("file_size", "file_mtime_ns")
 
 
 def _cell(value: Any) -> str:

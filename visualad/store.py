@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional, Tuple
@@ -13,7 +15,7 @@ import torch
 from .config import VisualADConfig
 from .layout import BACKBONE_WEIGHTS_NAME, CONFIG_NAME, REFERENCES_NAME, WEIGHTS_NAME
 from .model import VisualAD, build_backbone, parse_backbone
-from .modes.references import ReferenceBank
+from .modes.bank import ReferenceBank
 from .types import PathLike
 from .errors import WeightsError
 from .weights.hub import sha256_file
@@ -72,7 +74,12 @@ def load_model(model_dir: PathLike, image_size: Optional[int] = None,
 
 def _check_files(model_dir: Path, config: VisualADConfig) -> None:
     """Every file the config lists must be there with its digest: a save killed between its renames leaves new
-    files beside the old config (or the reverse), and such a directory must not load as if it were whole."""
+    files beside the old config (or the reverse), and such a directory must not load as if it were whole.
+    A backbone file the config does not list is refused (it would be loaded unchecked)."""
+    if config.files and BACKBONE_WEIGHTS_NAME not in config.files and (model_dir / BACKBONE_WEIGHTS_NAME).exists():
+        raise WeightsError(f"{BACKBONE_WEIGHTS_NAME} is not listed in config.json, so its digest cannot be "
+                           "checked: remove it, or write the directory again (save_pretrained, convert-official)",
+                           model_dir / BACKBONE_WEIGHTS_NAME)
     for name, digest in config.files.items():
         if name not in (WEIGHTS_NAME, BACKBONE_WEIGHTS_NAME, REFERENCES_NAME):
             raise WeightsError(f"config.json lists an unknown file {name!r}", model_dir / CONFIG_NAME)
@@ -87,9 +94,11 @@ def _check_files(model_dir: Path, config: VisualADConfig) -> None:
 
 
 def save_model(directory: PathLike, model: VisualAD, references: Optional[ReferenceBank] = None,
-               model_card: bool = True) -> Path:
+               model_card: bool = True, backbone: bool = False) -> Path:
     """Write config.json + model.safetensors (only the trained parameters), each atomically, plus the
-    reference bank and, for random backbones, the backbone weights (they exist nowhere else)."""
+    reference bank and the backbone weights: always for random backbones (they exist nowhere else), and when
+    ``backbone`` is set (a converted model that must load without any network). Every file is in the digest
+    list of config.json; a stale bank or backbone file of an earlier save is removed."""
     from .weights.card import write_model_card
 
     out = Path(directory)
@@ -97,18 +106,43 @@ def save_model(directory: PathLike, model: VisualAD, references: Optional[Refere
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.head_state_dict().items()}
     save_safetensors(state, out / WEIGHTS_NAME, metadata={"format": "pt", "visualad_schema": HEAD_SCHEMA})
     written = [WEIGHTS_NAME]
-    if not model.config.backbone_pretrained:
+    if backbone or not model.config.backbone_pretrained:
         bb = {k: v.detach().cpu().contiguous() for k, v in model.backbone.library_state_dict().items()}
-        save_safetensors(bb, out / BACKBONE_WEIGHTS_NAME)
+        save_safetensors(bb, out / BACKBONE_WEIGHTS_NAME, metadata={"format": "pt", "backbone": model.config.backbone})
         written.append(BACKBONE_WEIGHTS_NAME)
     if references is not None:
         references.save(out / REFERENCES_NAME)
         written.append(REFERENCES_NAME)
-    elif (out / REFERENCES_NAME).exists():
-        (out / REFERENCES_NAME).unlink()  # a stale bank must not come back with this model
+    for stale in (BACKBONE_WEIGHTS_NAME, REFERENCES_NAME):  # must not come back with this model
+        if stale not in written and (out / stale).exists():
+            logger.info("removing %s of an earlier save", out / stale)
+            (out / stale).unlink()
     # the config goes last and names the digest of every file saved with it (see _check_files)
     model.config.files = {name: sha256_file(out / name) for name in written}
     model.config.save(out / CONFIG_NAME)
     if model_card:
         write_model_card(out, model.config, n_params=sum(v.numel() for v in state.values()))
     return out
+
+
+def publish(staged: PathLike, out_dir: PathLike) -> Path:
+    """Move a directory written by :func:`save_model` into place: a rename when ``out_dir`` is free, else its
+    files one by one (config.json last: its presence means the rest is there), removing the model files of
+    an earlier save that this one does not have."""
+    staged, out_dir = Path(staged), Path(out_dir)
+    try:
+        os.rename(staged, out_dir)  # fails when out_dir exists and is not empty
+        return out_dir
+    except OSError:
+        if not out_dir.is_dir():
+            raise
+    names = sorted(p.name for p in staged.iterdir())
+    for stale in (BACKBONE_WEIGHTS_NAME, REFERENCES_NAME):
+        if stale not in names and (out_dir / stale).is_file():
+            logger.warning("removing %s left by an earlier save", out_dir / stale)
+            (out_dir / stale).unlink()
+    names.sort(key=lambda n: n == CONFIG_NAME)
+    for name in names:
+        os.replace(staged / name, out_dir / name)
+    shutil.rmtree(staged, ignore_errors=True)
+    return out_dir

@@ -9,25 +9,25 @@ images' content (then the seed), so results do not depend on the order the image
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
-
-import torch
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
-from . import knn
+from . import partners
+from .base import Scorer, register
 from .choice import check_set_size
 
 NAME = "batch"
 
 
-class BatchMode:
+@register
+class BatchMode(Scorer):
     """Mutual scoring settings; :meth:`score_set` scores one set's features."""
 
     name = NAME
+    kind = "set"
 
     def __init__(self, compare_with: int = 64, seed: int = 0, blocks: Optional[Sequence[int]] = None,
-                 rs: Sequence[int] = knn.DEFAULT_R, fraction: float = knn.DEFAULT_FRACTION) -> None:
+                 rs: Sequence[int] = partners.DEFAULT_R, fraction: float = partners.DEFAULT_FRACTION) -> None:
         if int(compare_with) < 1:
             raise ConfigError(f"compare_with must be >= 1, got {compare_with!r}")
         if not 0.0 < fraction <= 1.0:
@@ -38,31 +38,31 @@ class BatchMode:
         self.rs = tuple(int(r) for r in rs)
         self.fraction = float(fraction)
 
+    @classmethod
+    def from_settings(cls, *, references: Any = None, compare_with: int = 64, seed: int = 0) -> "BatchMode":
+        return cls(compare_with=compare_with, seed=seed)
+
     def blocks_for(self, depth: int) -> Tuple[int, ...]:
-        return self.blocks or knn.blocks_for_depth(depth)
+        return self.blocks or partners.blocks_for_depth(depth)
 
     def order(self, digests: Sequence[str]) -> List[int]:
         """The comparison order: sorted by content, then a seeded shuffle (independent of the input order)."""
-        by_content = sorted(range(len(digests)), key=lambda i: (digests[i], i))
-        g = torch.Generator().manual_seed(self.seed)
-        perm = torch.randperm(len(by_content), generator=g).tolist()
-        return [by_content[p] for p in perm]
+        return partners.comparison_order(digests, self.seed)
 
-    def score_set(self, features: Dict[Tuple[int, int], torch.Tensor], digests: Sequence[str]) -> torch.Tensor:
-        """Unit features per (block, r), each [N, P, C] in input order -> patch-grid maps [N, g, g]."""
-        n = len(digests)
-        check_set_size(n)
-        order = torch.tensor(self.order(digests))
+    def score_set(self, backend: Any, features: Dict[Tuple[int, int], Any], digests: Sequence[str]) -> Any:
+        """Unit features per (block, r), each [N, P, C] in input order -> patch-grid maps [N, P] (the
+        backend's arrays; its ``knn`` core computes)."""
+        check_set_size(len(digests))
+        order = self.order(digests)
+        ops = backend.knn
         total = None
         for f in features.values():
-            d = knn.mutual_distances(f, self.compare_with, order=order)
-            s = knn.interval_average(d, self.fraction)
+            s = ops.interval_average(ops.mutual_distances(f, self.compare_with, order=order), self.fraction)
             total = s if total is None else total + s
-        grid_in_order = total / len(features)
-        out = torch.empty_like(grid_in_order)
-        out[order.to(out.device)] = grid_in_order
-        g = int(round(math.sqrt(out.shape[1])))
-        return out.view(n, g, g)
+        return ops.unpermute(total / len(features), order)
 
-    def describe(self) -> dict:
+    def why(self, n_images: int, head_trained: bool) -> str:
+        return f"{n_images} images scored against each other"
+
+    def describe(self) -> Dict[str, Any]:
         return {"mode": NAME, "compare_with": self.compare_with, "seed": self.seed}

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import ConfigError
-from . import MODES
+from .base import Scorer, create, names
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class ModeChooser:
         self.warned = False
 
     def choose(self, mode: str, has_references: bool, n_images: Optional[int], head_trained: bool) -> str:
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode != "auto" and mode not in names():
+            raise ConfigError(f"mode must be one of {('auto',) + names()}, got {mode!r}")
         if mode == "references" or (mode == "auto" and has_references):
             if not has_references:
                 raise ConfigError("mode='references' needs reference images: det.set_references(normal_images) "
@@ -67,6 +67,12 @@ class ModeChooser:
                             "at once (batch mode) or a few normal images (set_references / --references)",
                             why, WARN_BELOW)
         return "head"
+
+    def scorer(self, mode: str, references: Any, n_images: Optional[int], head_trained: bool,
+               compare_with: int = 64, seed: int = 0) -> Scorer:
+        """The scorer of a call: :meth:`choose`, then the registry builds it from the call's settings."""
+        name = self.choose(mode, references is not None, n_images, head_trained)
+        return create(name, references=references, compare_with=compare_with, seed=seed)
 
     def _warn_once(self, msg: str, *args: object) -> None:
         if not self.warned:

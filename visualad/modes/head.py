@@ -1,22 +1,24 @@
 """Head mode: the trained tokens' cosine contrast (VisualAD's zero-shot map, the paper's method)."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Tuple
 
-import torch
+import numpy as np
 
-from ..model import VisualAD
+from .base import Scorer, register
 
 NAME = "head"
 
 
-class HeadMode:
+@register
+class HeadMode(Scorer):
     """Scores a batch with the trained head: top-1% mean of the smoothed fused map (method doc §5)."""
 
     name = NAME
+    kind = "images"
 
-    def score(self, model: VisualAD, batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return model.predict_maps(batch)
+    def score(self, backend: Any, batch: Any) -> Tuple[np.ndarray, np.ndarray]:
+        return backend.head_maps(batch)
 
-    def describe(self) -> dict:
-        return {"mode": NAME}
+    def why(self, n_images: int, head_trained: bool) -> str:
+        return "the trained head" if head_trained else "an untrained head, as asked"

@@ -8,28 +8,18 @@ that memory stays bounded whatever the number of images.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .partners import partner_offsets
+from .partners import (DEFAULT_BLOCK_FRACTIONS, DEFAULT_FRACTION, DEFAULT_R,  # noqa: F401 - the core's API
+                       blocks_for_depth, partner_offsets)
 
-#: the feature block as a fraction of the backbone's depth: 7 of 12 on DINOv2-S (measured best of 3..12 on
-#: shared/data, docs/batch-zero-shot.md); a fraction so that deeper backbones get a block at the same depth
-DEFAULT_BLOCK_FRACTIONS: Tuple[float, ...] = (7 / 12,)
-DEFAULT_R: Tuple[int, ...] = (1, 3)
-#: the interval average: the mean of the lowest fraction of an image's distances to the other images
-DEFAULT_FRACTION = 0.1
 CHUNK_ELEMENTS = 1 << 24  # similarity-matrix elements per chunk (64 MB in fp32)
 #: similarities per block of image pairs in mutual scoring (8 MB): larger blocks leave the cache and were
 #: measured 2x slower per image on ViT-S at 224 px (benchmarks/mode_speed.py)
 PAIR_BLOCK_ELEMENTS = 1 << 21
-
-
-def blocks_for_depth(depth: int, fractions: Sequence[float] = DEFAULT_BLOCK_FRACTIONS) -> Tuple[int, ...]:
-    """1-based block indices at these fractions of ``depth`` (12 -> 7; 24 -> 14), increasing, distinct."""
-    return tuple(sorted({min(depth, max(1, int(round(f * depth)))) for f in fractions}))
 
 
 def lnamd(features: torch.Tensor, r: int) -> torch.Tensor:
@@ -85,7 +75,7 @@ def interval_average(distances: torch.Tensor, fraction: float = DEFAULT_FRACTION
 
 
 def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: int = 0,
-                     order: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     order: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Mutual scoring of a set: features [N, P, C] (unit rows) -> [N, M, P] in comparison order, each patch's
     nearest distance in each of its M = min(compare_with, N - 1) partner images.
 
@@ -99,7 +89,7 @@ def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: in
     out = torch.empty(n, m, p, device=features.device, dtype=torch.float32)
     block = chunk_images or max(1, PAIR_BLOCK_ELEMENTS // max(1, p * p))
     idx = torch.arange(n, device=features.device)
-    order = idx if order is None else order.to(features.device)
+    order = idx if order is None else torch.as_tensor(order, device=features.device)
     slot = 0
     for d in both + forward:
         for s in range(0, n, block):
@@ -111,3 +101,18 @@ def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: in
                 out[partners, slot + 1] = to_distance(sim.amax(dim=1))
         slot += 2 if d in both else 1
     return out
+
+
+def stack(items: List[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(items)
+
+
+def unpermute(rows: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """Rows in comparison order -> rows in input order (row i of ``rows`` is image ``order[i]``)."""
+    out = torch.empty_like(rows)
+    out[torch.as_tensor(order, device=rows.device)] = rows
+    return out
+
+
+def concat(items: List[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(items)

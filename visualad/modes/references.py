@@ -1,239 +1,50 @@
 """References mode: each patch's distance to its nearest patch among a few normal images of the product.
 
-The bank holds, per feature block and aggregation size r, the reference patches after the nearest-neighbour
-core's LNAMD (:mod:`visualad.modes.knn`); a test image is scored by the same core, the mean over blocks and
-r, upsampled and blurred like the head's map, and its maximum is the image score. Measured on shared/data
-(docs/batch-zero-shot.md, docs/modes.md): references alone beat the old fusion with the trained head.
-Banks of schema 1 and 2 (the 0.1 few-shot mode) are read and scored as references alone over their layers.
+The bank (:mod:`visualad.modes.bank` on torch, the export's arrays on onnxruntime) is built by the backend;
+the mode asks the backend for the nearest-reference grid of a batch, upsampled and blurred like the head's
+map, and takes its maximum as the image score. Measured on shared/data (docs/batch-zero-shot.md,
+docs/modes.md): references alone beat the old fusion with the trained head.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import math
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
-from ..data.images import image_digest  # noqa: F401 - part of this module's API
-from ..errors import ConfigError, WeightsError
-from ..types import PathLike
-from . import knn
-
-logger = logging.getLogger(__name__)
+from ..errors import ConfigError
+from .base import Scorer, register
 
 NAME = "references"
-BANK_SCHEMA = "3"  # 1 and 2: the fused few-shot bank (per-layer unit features, no LNAMD)
 
 
-class ReferenceBank:
-    """Reference patches per (block, r): unit rows [K * P, C]; ``digests`` name the K images in order."""
-
-    def __init__(self, features: Dict[Tuple[int, int], torch.Tensor], *, image_size: int, patches: int,
-                 digests: Sequence[str] = (), layernorm: bool = True, meta: Optional[Dict[str, Any]] = None) -> None:
-        if not features:
-            raise ConfigError("a reference bank needs at least one feature block")
-        self.features = {(int(b), int(r)): v for (b, r), v in features.items()}
-        self.blocks = tuple(sorted({b for b, _ in self.features}))
-        self.rs = tuple(sorted({r for _, r in self.features}))
-        self.image_size = int(image_size)
-        self.patches = int(patches)
-        self.digests = list(digests)
-        self.layernorm = bool(layernorm)
-        self.meta = dict(meta or {})
-        self._fingerprint: Optional[str] = None
-
-    @property
-    def shots(self) -> int:
-        return next(iter(self.features.values())).shape[0] // self.patches
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(v.numel() * v.element_size() for v in self.features.values()))
-
-    @property
-    def fingerprint(self) -> str:
-        """A short digest of the bank's content: thresholds calibrated on one bank are not applied to another.
-        Computed once: a bank's features never change after it is built."""
-        if self._fingerprint is None:
-            h = hashlib.sha1()
-            for key in sorted(self.features):
-                h.update(repr(key).encode())
-                h.update(self.features[key].detach().cpu().float().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
-        return self._fingerprint
-
-    def to(self, device: torch.device) -> "ReferenceBank":
-        self.features = {k: v.to(device) for k, v in self.features.items()}
-        return self
-
-    def __repr__(self) -> str:
-        return (f"ReferenceBank(shots={self.shots}, blocks={self.blocks}, r={self.rs}, "
-                f"image_size={self.image_size}, bytes={self.nbytes})")
-
-    # --- features ----------------------------------------------------------------------------------
-    def query(self, block_features: Sequence[torch.Tensor]) -> Dict[Tuple[int, int], torch.Tensor]:
-        """Backbone features of a batch, one [B, N, C] per bank block -> unit rows per (block, r)."""
-        out = {}
-        for block, f in zip(self.blocks, block_features):
-            for r in self.rs:
-                out[(block, r)] = knn.lnamd(f, r) if self.layernorm else F.normalize(f.float(), dim=-1, eps=1e-8)
-        return out
-
-    def grid(self, queries: Dict[Tuple[int, int], torch.Tensor], exclude: Optional[int] = None) -> torch.Tensor:
-        """Mean nearest distance over (block, r) on the patch grid [B, g, g]; ``exclude`` leaves reference
-        image ``exclude`` out (leave-one-out; with one reference, its own 3x3 neighbourhood is left out)."""
-        total = None
-        for key, q in queries.items():
-            b, n, c = q.shape
-            bank = self.features[key]
-            if exclude is None:
-                d = knn.nearest_distance(q.reshape(b * n, c), bank).view(b, n)
-            elif self.shots > 1:
-                keep = torch.cat([bank[:exclude * n], bank[(exclude + 1) * n:]])
-                d = knn.nearest_distance(q.reshape(b * n, c), keep).view(b, n)
-            else:
-                d = torch.stack([_outside_neighbourhood(q[i], bank) for i in range(b)])
-            total = d if total is None else total + d
-        g = int(round(math.sqrt(total.shape[1])))
-        return (total / len(queries)).view(-1, g, g)
-
-    # --- persistence -------------------------------------------------------------------------------
-    def save(self, path: PathLike) -> Path:
-        """One safetensors file (atomic): a tensor per (block, r) plus JSON metadata."""
-        from ..weights.safe import save_safetensors
-
-        meta = {"schema": BANK_SCHEMA, "shots": self.shots, "blocks": list(self.blocks), "r": list(self.rs),
-                "image_size": self.image_size, "patches": self.patches, "digests": self.digests,
-                "layernorm": self.layernorm, "bytes": self.nbytes, "extra": self.meta}
-        tensors = {f"block_{b}_r_{r}": v.detach().cpu().contiguous() for (b, r), v in self.features.items()}
-        save_safetensors(tensors, path, metadata={"format": "pt", "visualad_references": json.dumps(meta)})
-        logger.info("saved reference bank: %d shots, %.1f MB -> %s", self.shots, self.nbytes / 2**20, path)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: PathLike) -> "ReferenceBank":
-        """Read a bank written by :meth:`save` (schema 3) or by visualad 0.1 (schemas 1 and 2), on the CPU."""
-        from safetensors import safe_open
-
-        from ..weights.safe import load_safetensors
-
-        tensors = load_safetensors(path)
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get("visualad_references")
-        if raw is None:
-            raise WeightsError("not a visualad reference bank (no 'visualad_references' metadata)", path)
-        try:
-            meta = json.loads(raw)
-            schema = str(meta.get("schema"))
-            if schema == BANK_SCHEMA:
-                feats = {_parse_key(k): v for k, v in tensors.items()}
-                bank = cls(feats, image_size=meta["image_size"], patches=meta["patches"],
-                           digests=meta.get("digests", ()), layernorm=bool(meta.get("layernorm", True)),
-                           meta=meta.get("extra"))
-            elif schema in ("1", "2"):
-                bank = _read_legacy(meta, tensors, path)
-            else:
-                raise WeightsError(f"reference bank schema {schema!r} is newer than this visualad understands "
-                                   f"({BANK_SCHEMA}); upgrade visualad", path)
-        except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError) as exc:
-            raise WeightsError(f"malformed reference bank: {exc!r}", path) from None
-        bank.check(path)
-        return bank
-
-    def check(self, source: Any = None, depth: Optional[int] = None, width: Optional[int] = None) -> None:
-        """Refuse a bank that would fail or mislead later: non-float or non-finite values, ragged shapes, and
-        (given the backbone's ``depth`` and ``width``) blocks or a feature width the backbone does not have."""
-        shapes = set()
-        for key, v in self.features.items():
-            if not v.is_floating_point() or v.ndim != 2:
-                raise WeightsError(f"malformed reference bank: {key} is {v.dtype} of shape {tuple(v.shape)}, "
-                                   "expected float rows [images * patches, channels]", source)
-            if not bool(torch.isfinite(v).all()):
-                raise WeightsError(f"malformed reference bank: {key} holds NaN or infinite values", source)
-            shapes.add(tuple(v.shape))
-        if len(shapes) != 1 or self.patches < 1 or next(iter(shapes))[0] % self.patches:
-            raise WeightsError(f"malformed reference bank: shapes {sorted(shapes)} are not the same whole number "
-                               f"of images of {self.patches} patches", source)
-        if depth is not None and not all(1 <= b <= depth for b in self.blocks):
-            raise WeightsError(f"reference bank blocks {self.blocks} do not exist in a {depth}-block backbone",
-                               source)
-        if width is not None and next(iter(shapes))[1] != width:
-            raise WeightsError(f"reference bank features are {next(iter(shapes))[1]} wide, the backbone's are "
-                               f"{width}: it was built with another backbone", source)
-
-
-def _parse_key(key: str) -> Tuple[int, int]:
-    _, block, _, r = key.split("_")
-    return int(block), int(r)
-
-
-def _read_legacy(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor], path: PathLike) -> ReferenceBank:
-    feature = meta["feature"]
-    if str(meta.get("schema")) == "1" or feature != "backbone":
-        raise WeightsError(f"this reference bank (schema {meta.get('schema')}, {feature!r} features) holds "
-                           "features of the old fused mode that depend on its head; set the references again "
-                           "from the images (det.set_references(images); det.save_pretrained(dir))", path)
-    feats = {(int(k.split("_", 1)[1]), 1): v for k, v in tensors.items()}
-    size = int(meta["image_size"])
-    first = next(iter(feats.values()))
-    patches = first.shape[0] // int(meta["shots"])
-    logger.warning("%s: a reference bank of visualad 0.1 (schema 2); scored as references alone over its "
-                   "layers %s (the fusion with the head is gone); set the references again to use the new "
-                   "features", path, sorted(b for b, _ in feats))
-    return ReferenceBank(feats, image_size=size, patches=patches, layernorm=False, meta={"legacy_schema": 2})
-
-
-def _outside_neighbourhood(q: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """One reference (K = 1): each of its patches against the same image outside its 3x3 grid neighbourhood."""
-    n = q.shape[0]
-    g = int(round(math.sqrt(n)))
-    yy, xx = torch.meshgrid(torch.arange(g, device=q.device), torch.arange(g, device=q.device), indexing="ij")
-    yy, xx = yy.reshape(-1), xx.reshape(-1)
-    sim = q.float() @ bank.float().t()
-    near = ((yy[:, None] - yy[None]).abs() <= 1) & ((xx[:, None] - xx[None]).abs() <= 1)
-    sim.masked_fill_(near, -1.0)
-    return knn.to_distance(sim.amax(dim=1))
-
-
-def build_bank(block_features: Iterable[Tuple[str, List[torch.Tensor]]], blocks: Sequence[int],
-               rs: Sequence[int], image_size: int, meta: Optional[Dict[str, Any]] = None) -> ReferenceBank:
-    """A bank from (digest, per-block [1, N, C] backbone features) of each reference image."""
-    parts: Dict[Tuple[int, int], List[torch.Tensor]] = {(b, r): [] for b in blocks for r in rs}
-    digests: List[str] = []
-    patches = 0
-    for digest, feats in block_features:
-        digests.append(digest)
-        for b, f in zip(blocks, feats):
-            patches = f.shape[1]
-            for r in rs:
-                parts[(b, r)].append(knn.lnamd(f, r)[0])
-    if not digests:
-        raise ConfigError("references mode needs at least one reference image")
-    feats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-    return ReferenceBank(feats, image_size=image_size, patches=patches, digests=digests, meta=meta)
-
-
-class ReferencesMode:
-    """Scores a batch against a :class:`ReferenceBank`: the maximum of the smoothed nearest-distance map."""
+@register
+class ReferencesMode(Scorer):
+    """Scores a batch against a bank (``shots``, ``digests``, ``fingerprint``); ``exclude`` leaves one
+    reference out (leave-one-out)."""
 
     name = NAME
+    kind = "images"
 
-    def __init__(self, bank: ReferenceBank, exclude: Optional[int] = None) -> None:
+    def __init__(self, bank: Any, exclude: Optional[int] = None) -> None:
         self.bank = bank
         self.exclude = exclude
 
-    def score(self, model: Any, batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.bank.image_size != model.config.image_size:
-            raise ConfigError(f"the reference bank was built at {self.bank.image_size} px and the model runs at "
-                              f"{model.config.image_size} px: set the references again")
-        feats = model.backbone_features(batch, self.bank.blocks)
-        grid = self.bank.grid(self.bank.query(feats), exclude=self.exclude)
-        maps = model.grid_to_map(grid)
-        return maps, maps.flatten(1).amax(dim=1)
+    @classmethod
+    def from_settings(cls, *, references: Any = None, compare_with: int = 64, seed: int = 0) -> "ReferencesMode":
+        if references is None:
+            raise ConfigError("mode='references' needs reference images: det.set_references(normal_images) "
+                              "or predict(..., references=normal_images)")
+        return cls(references)
 
-    def describe(self) -> dict:
+    def score(self, backend: Any, batch: Any) -> Tuple[np.ndarray, np.ndarray]:
+        return backend.grid_to_map(backend.references_grid(batch, self.bank, self.exclude))
+
+    def holdout(self, digest: str) -> "ReferencesMode":
+        own = self.bank.digests.index(digest) if digest in self.bank.digests else None
+        return self if own is None else ReferencesMode(self.bank, exclude=own)
+
+    def why(self, n_images: int, head_trained: bool) -> str:
+        return "normal reference images are set"
+
+    def describe(self) -> Dict[str, Any]:
         return {"mode": NAME, "shots": self.bank.shots, "fingerprint": self.bank.fingerprint}

@@ -9,27 +9,29 @@ Results are recorded as batch mode (``describe()`` adds the window), so batch-mo
 """
 from __future__ import annotations
 
-import math
 from collections import deque
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
-
-import torch
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
-from . import knn
+from . import partners
+from .base import Scorer, register
 from .batch import NAME, BatchMode
 from .choice import MIN_IMAGES
 
-Features = Dict[Tuple[int, int], torch.Tensor]  # (block, r) -> [P, C] unit rows of one image
+Features = Dict[Tuple[int, int], Any]  # (block, r) -> [P, C] unit rows of one image (the backend's arrays)
 
 
-class StreamMode:
-    """Rolling-window state: :meth:`feed` takes one image's features and returns the grids now ready."""
+@register
+class StreamMode(Scorer):
+    """Rolling-window state: :meth:`feed` takes one image's features and returns the grids now ready.
+    Registered as "stream" (``det.stream``); its results are recorded as batch mode."""
 
-    name = NAME
+    name = "stream"
+    kind = "stream"
+    selectable = False
 
     def __init__(self, window: int = 64, warmup: int = 16, seed: int = 0, blocks: Optional[Sequence[int]] = None,
-                 rs: Sequence[int] = knn.DEFAULT_R, fraction: float = knn.DEFAULT_FRACTION) -> None:
+                 rs: Sequence[int] = partners.DEFAULT_R, fraction: float = partners.DEFAULT_FRACTION) -> None:
         if int(window) < MIN_IMAGES - 1:
             raise ConfigError(f"window must be >= {MIN_IMAGES - 1}, got {window!r}")
         if int(warmup) < MIN_IMAGES:
@@ -46,36 +48,35 @@ class StreamMode:
     def blocks_for(self, depth: int) -> Tuple[int, ...]:
         return self._set.blocks_for(depth)
 
-    def feed(self, features: Features, digest: str) -> List[torch.Tensor]:
-        """Grids [g, g] of the images now scored, in arrival order: none while warming up, then the held
+    def feed(self, backend: Any, features: Features, digest: str) -> List[Any]:
+        """Grids [P] of the images now scored, in arrival order: none while warming up, then the held
         images at once, then one per image."""
         if self._past:  # warmed up (the held images moved to the past)
-            grid = self._against_past(features)
+            grid = self._against_past(backend, features)
             self._past.append(features)
             return [grid]
         self._held.append((features, digest))
-        return self.flush() if len(self._held) >= self.warmup else []
+        return self.flush(backend) if len(self._held) >= self.warmup else []
 
-    def flush(self) -> List[torch.Tensor]:
+    def flush(self, backend: Any) -> List[Any]:
         """Score the held images as one set (the end of a stream shorter than the warm-up)."""
         if not self._held:
             return []
         held, self._held = self._held, []
         keys = list(held[0][0])
-        grids = self._set.score_set({k: torch.stack([f[k] for f, _ in held]) for k in keys}, [d for _, d in held])
+        grids = self._set.score_set(backend, {k: backend.knn.stack([f[k] for f, _ in held]) for k in keys},
+                                    [d for _, d in held])
         self._past.extend(f for f, _ in held)
         return list(grids)
 
-    def _against_past(self, features: Features) -> torch.Tensor:
+    def _against_past(self, backend: Any, features: Features) -> Any:
+        ops = backend.knn
         total = None
         for key, f in features.items():
-            bank = torch.stack([p[key] for p in self._past])  # [W, P, C]
-            d = knn.distances_to_images(f, bank)  # [W, P]
-            s = knn.interval_average(d, self._set.fraction)
+            d = ops.distances_to_images(f, ops.stack([p[key] for p in self._past]))  # [W, P]
+            s = ops.interval_average(d, self._set.fraction)
             total = s if total is None else total + s
-        grid = total / len(features)
-        g = int(round(math.sqrt(grid.numel())))
-        return grid.view(g, g)
+        return total / len(features)
 
-    def describe(self) -> dict:
+    def describe(self) -> Dict[str, Any]:
         return {"mode": NAME, "window": self.window, "warmup": self.warmup, "seed": self._set.seed}

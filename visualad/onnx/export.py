@@ -1,4 +1,4 @@
-"""Export a detector to ONNX: a directory that :class:`visualad.onnx.OnnxDetector` runs without torch.
+"""Export an engine's model (and a reference bank) to ONNX: a directory that :class:`visualad.onnx.OnnxDetector` runs without torch.
 
 Three graphs, each taking what the engine computes on the device, with a dynamic batch dimension:
 
@@ -14,10 +14,11 @@ resampled once for the export size (timm's antialiased bicubic resize has no ONN
 """
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,9 +27,6 @@ from ..atomic import atomic_write_bytes, atomic_write_json
 from ..modes import knn
 from ..types import PathLike
 from .meta import FORMAT, FORMAT_VERSION, META_NAME
-
-if TYPE_CHECKING:
-    from ..detector import AnomalyDetector
 
 logger = logging.getLogger(__name__)
 
@@ -80,46 +78,42 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, inputs: 
     atomic_write_bytes(path, buf.getvalue())
 
 
-def export_onnx(detector: "AnomalyDetector", out_dir: PathLike) -> Path:
-    """Write the three graphs, the metadata and the reference bank (if set) to ``out_dir``; fp32 on the CPU."""
+def export_onnx(engine: Any, out_dir: PathLike, references: Optional[Any] = None) -> Path:
+    """Write the three graphs, the metadata and ``references`` (a bank, if given) to ``out_dir``; fp32 on the
+    CPU. ``engine`` is left as it is: a model on another device is copied to the CPU for the export."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = detector.model
-    device, dtype = detector.device, detector.dtype
-    detector.to("cpu", "fp32")
-    try:
-        size = model.config.image_size
-        grid = model.grid
-        depth = model.backbone.depth
-        blocks, rs = knn.blocks_for_depth(depth), knn.DEFAULT_R
-        images = torch.zeros(2, 3, size, size)
-        _export(_Head(model), images, out / "head.onnx", ["images"], ["maps", "scores"])
-        names = [f"f_{b}_{r}" for b in blocks for r in rs]
-        _export(_Features(model, blocks, rs), images, out / "features.onnx", ["images"], names)
-        _export(_GridToMap(model), torch.zeros(2, grid, grid), out / "grid_to_map.onnx", ["grid"], ["maps"])
-        bank = detector.references
-        meta: Dict = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "opset": OPSET,
-            "config": model.config.to_dict(),
-            "pixel_mean": [float(v) for v in model.pixel_mean.flatten()],
-            "pixel_std": [float(v) for v in model.pixel_std.flatten()],
-            "image_size": size, "grid": grid, "blocks": list(blocks), "rs": list(rs),
-            "fraction": knn.DEFAULT_FRACTION, "features": names,
-            "references": None if bank is None else {"shots": bank.shots, "digests": bank.digests,
-                                                      "fingerprint": bank.fingerprint},
-        }
-        if bank is not None:
-            if bank.blocks != tuple(blocks) or bank.rs != tuple(rs) or not bank.layernorm:
-                raise ValueError("the reference bank uses other features than the exported graph: set the "
-                                 "references again before exporting")
-            arrays = {f"f_{b}_{r}": v.detach().cpu().float().numpy() for (b, r), v in bank.features.items()}
-            buf = _npz_bytes(arrays)
-            atomic_write_bytes(out / "references.npz", buf)
-        elif (out / "references.npz").exists():
-            (out / "references.npz").unlink()
-        atomic_write_json(out / META_NAME, meta)  # last: a directory without it is not an export
-    finally:
-        detector.to(device, dtype)
+    model = engine.model
+    if engine.device.type != "cpu":
+        model = copy.deepcopy(model).to("cpu")
+    size = model.config.image_size
+    grid = model.grid
+    blocks, rs = knn.blocks_for_depth(model.backbone.depth), knn.DEFAULT_R
+    images = torch.zeros(2, 3, size, size)
+    _export(_Head(model), images, out / "head.onnx", ["images"], ["maps", "scores"])
+    names = [f"f_{b}_{r}" for b in blocks for r in rs]
+    _export(_Features(model, blocks, rs), images, out / "features.onnx", ["images"], names)
+    _export(_GridToMap(model), torch.zeros(2, grid, grid), out / "grid_to_map.onnx", ["grid"], ["maps"])
+    bank = references
+    meta: Dict = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "opset": OPSET,
+        "config": model.config.to_dict(),
+        "pixel_mean": [float(v) for v in model.pixel_mean.flatten()],
+        "pixel_std": [float(v) for v in model.pixel_std.flatten()],
+        "image_size": size, "grid": grid, "depth": model.backbone.depth, "blocks": list(blocks), "rs": list(rs),
+        "fraction": knn.DEFAULT_FRACTION, "features": names,
+        "references": None if bank is None else {"shots": bank.shots, "digests": bank.digests,
+                                                  "fingerprint": bank.fingerprint},
+    }
+    if bank is not None:
+        if bank.blocks != tuple(blocks) or bank.rs != tuple(rs) or not bank.layernorm:
+            raise ValueError("the reference bank uses other features than the exported graph: set the "
+                             "references again before exporting")
+        arrays = {f"f_{b}_{r}": v.detach().cpu().float().numpy() for (b, r), v in bank.features.items()}
+        atomic_write_bytes(out / "references.npz", _npz_bytes(arrays))
+    elif (out / "references.npz").exists():
+        (out / "references.npz").unlink()
+    atomic_write_json(out / META_NAME, meta)  # last: a directory without it is not an export
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.suffix == ".onnx"}
     logger.info("exported to %s: %s", out, ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in sizes.items()))
     return out

@@ -3,7 +3,7 @@ functions as :mod:`visualad.modes.knn` on unit features that the exported graph 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
@@ -32,9 +32,10 @@ def interval_average(distances: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(distances, axis=-2)[..., :k, :].mean(axis=-2)
 
 
-def mutual_distances(features: np.ndarray, compare_with: int, order: np.ndarray) -> np.ndarray:
+def mutual_distances(features: np.ndarray, compare_with: int, order: Sequence[int]) -> np.ndarray:
     """Features [N, P, C] -> [N, M, P] in comparison order (row i is image ``order[i]``): each patch's nearest
     distance in each of its M = min(compare_with, N - 1) partners; each pair's product serves both ways."""
+    order = np.asarray(order)
     n, p, _ = features.shape
     both, forward = partner_offsets(n, compare_with)
     out = np.empty((n, 2 * len(both) + len(forward), p), np.float32)
@@ -53,33 +54,26 @@ def mutual_distances(features: np.ndarray, compare_with: int, order: np.ndarray)
     return out
 
 
-def references_grid(queries: Dict[str, np.ndarray], bank: Dict[str, np.ndarray]) -> np.ndarray:
-    """Mean over (block, r) of each query patch's nearest reference distance: {key: [B, N, C]} -> [B, N]."""
-    total: Optional[np.ndarray] = None
-    for key, q in queries.items():
-        b, n, c = q.shape
-        d = nearest_distance(q.reshape(b * n, c), bank[key]).reshape(b, n)
-        total = d if total is None else total + d
-    return total / len(queries)
+def distances_to_images(query: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Nearest-patch distance of each query patch [P, C] in each of ``images`` [W, Q, C] -> [W, P]."""
+    w, n, _ = images.shape
+    out = np.empty((w, query.shape[0]), np.float32)
+    block = max(1, CHUNK_ELEMENTS // max(1, query.shape[0] * n))
+    for s in range(0, w, block):
+        out[s:s + block] = (images[s:s + block] @ query.T).max(axis=1)
+    return to_distance(out)
 
 
-def batch_grid(features: Dict[str, np.ndarray], order: Sequence[int], compare_with: int,
-               fraction: float) -> np.ndarray:
-    """Mutual scoring of one set: {key: [N, P, C]} -> [N, P] in input order."""
-    order_arr = np.asarray(order)
-    total: Optional[np.ndarray] = None
-    for f in features.values():
-        s = interval_average(mutual_distances(f, compare_with, order_arr), fraction)
-        total = s if total is None else total + s
-    in_order = total / len(features)
-    out = np.empty_like(in_order)
-    out[order_arr] = in_order
+def stack(items: List[np.ndarray]) -> np.ndarray:
+    return np.stack(items)
+
+
+def unpermute(rows: np.ndarray, order: Sequence[int]) -> np.ndarray:
+    """Rows in comparison order -> rows in input order (row i of ``rows`` is image ``order[i]``)."""
+    out = np.empty_like(rows)
+    out[np.asarray(order)] = rows
     return out
 
 
-def comparison_order(digests: List[str], seed: int) -> List[int]:
-    """Sorted by content, then a seeded shuffle (NumPy's: for sets larger than ``compare_with + 1`` the
-    partners differ from the torch engine's, whose shuffle is torch's)."""
-    by_content = sorted(range(len(digests)), key=lambda i: (digests[i], i))
-    perm = np.random.default_rng(seed).permutation(len(by_content))
-    return [by_content[p] for p in perm]
+def concat(items: List[np.ndarray]) -> np.ndarray:
+    return np.concatenate(items)

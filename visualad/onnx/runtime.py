@@ -1,27 +1,28 @@
 """OnnxDetector: an exported model run with onnxruntime, NumPy and Pillow only (no torch anywhere).
 
-The same inputs, modes, thresholds and :class:`~visualad.result.AnomalyResult` as the torch detector: the
-graphs compute the maps (head) or the unit patch features (references, batch) and the map's upsampling and
-blur; the nearest-neighbour search runs in NumPy (:mod:`visualad.onnx.knn`); maps go back to each image's size
-with a NumPy bilinear resize that matches OpenCV's.
+:class:`OnnxBackend` is the onnxruntime backend of the one pipeline (:mod:`visualad.runtime.pipeline`): the
+graphs compute the maps (head) or the unit patch features (references, batch, stream) and the map's
+upsampling and blur; the nearest-neighbour search runs in NumPy (:mod:`visualad.onnx.knn`) in the partner order
+the torch core uses; maps go back to each image's size with a NumPy bilinear resize that matches OpenCV's.
+:class:`OnnxDetector` is the shared :class:`~visualad.predictor.Predictor` over it.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
-import os
+import math
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..config import VisualADConfig
-from ..data import images as imio
-from ..data.files import iter_image_files
-from ..errors import VisualADError, WeightsError
-from ..modes.choice import ModeChooser, check_set_size
-from ..result import AnomalyResult
-from ..runtime.postprocess import Thresholds, finish
-from ..runtime.readahead import Loaded, batched, paired, read_ahead
+from ..data.images import image_digest
+from ..errors import ConfigError, VisualADError, WeightsError
+from ..modes import partners
+from ..predictor import Predictor
+from ..runtime import pipeline
 from ..types import PathLike
 from . import knn
 from .meta import read_meta
@@ -47,24 +48,57 @@ def resize_bilinear(m: np.ndarray, height: int, width: int) -> np.ndarray:
     return rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]
 
 
-class _Mode:
-    """A scorer of the ONNX runtime: its ``name`` and what ``describe`` records with thresholds."""
+class ArrayBank:
+    """A reference bank of unit features as NumPy arrays, per (block, r): rows [K * P, C]."""
 
-    def __init__(self, name: str, compare_with: int = 64, seed: int = 0, fingerprint: Optional[str] = None,
-                 shots: int = 0) -> None:
-        self.name, self.compare_with, self.seed = name, int(compare_with), int(seed)
-        self.fingerprint, self.shots = fingerprint, shots
+    def __init__(self, features: Dict[Tuple[int, int], np.ndarray], digests: Sequence[str],
+                 fingerprint: Optional[str] = None) -> None:
+        self.features = features
+        self.digests = list(digests)
+        self.shots = len(self.digests)
+        if fingerprint is None:
+            h = hashlib.sha1()
+            for key in sorted(features):
+                h.update(repr(key).encode())
+                h.update(np.ascontiguousarray(features[key], np.float32).tobytes())
+            fingerprint = h.hexdigest()[:16]
+        self.fingerprint = fingerprint
 
-    def describe(self) -> dict:
-        if self.name == "references":
-            return {"mode": "references", "shots": self.shots, "fingerprint": self.fingerprint}
-        if self.name == "batch":
-            return {"mode": "batch", "compare_with": self.compare_with, "seed": self.seed}
-        return {"mode": "head"}
+    def grid(self, queries: Dict[Tuple[int, int], np.ndarray], exclude: Optional[int] = None) -> np.ndarray:
+        """Mean nearest distance over (block, r): {key: [B, P, C]} -> [B, P]; ``exclude`` leaves reference
+        image ``exclude`` out (with one reference, its own 3x3 neighbourhood)."""
+        total: Optional[np.ndarray] = None
+        for key, q in queries.items():
+            b, p, c = q.shape
+            bank = self.features[key]
+            if exclude is None:
+                d = knn.nearest_distance(q.reshape(b * p, c), bank).reshape(b, p)
+            elif self.shots > 1:
+                keep = np.concatenate([bank[:exclude * p], bank[(exclude + 1) * p:]])
+                d = knn.nearest_distance(q.reshape(b * p, c), keep).reshape(b, p)
+            else:
+                d = np.stack([_outside_neighbourhood(q[i], bank) for i in range(b)])
+            total = d if total is None else total + d
+        return total / len(queries)
 
 
-class OnnxDetector:
-    """A directory written by ``visualad export`` / ``det.export_onnx``: ``predict`` like the torch detector."""
+def _outside_neighbourhood(q: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """One reference (K = 1): each of its patches against the same image outside its 3x3 grid neighbourhood."""
+    g = int(round(math.sqrt(q.shape[0])))
+    yy, xx = np.divmod(np.arange(g * g), g)
+    sim = q @ bank.T
+    near = (np.abs(yy[:, None] - yy[None]) <= 1) & (np.abs(xx[:, None] - xx[None]) <= 1)
+    sim[near] = -1.0
+    return knn.to_distance(sim.max(axis=1))
+
+
+class OnnxBackend:
+    """An export directory's graphs on onnxruntime: the backend contract of :mod:`visualad.runtime.pipeline`."""
+
+    knn = knn
+    dtype_name = "fp32"
+    platform = "onnxruntime"
+    resize_map = staticmethod(resize_bilinear)
 
     def __init__(self, path: PathLike, providers: Optional[List[str]] = None) -> None:
         import onnxruntime as ort
@@ -73,24 +107,18 @@ class OnnxDetector:
         self.meta = read_meta(self.path)
         self.config = VisualADConfig.from_dict(self.meta["config"], self.path)
         self.image_size = int(self.meta["image_size"])
+        # the backbone's depth picks the feature blocks; exports before it was recorded: the depth of their blocks
+        self.depth = int(self.meta.get("depth") or next(
+            d for d in range(1, 1000) if list(partners.blocks_for_depth(d)) == list(self.meta["blocks"])))
+        self.keys = [(int(b), int(r)) for b in self.meta["blocks"] for r in self.meta["rs"]]
         self._mean = np.asarray(self.meta["pixel_mean"], np.float32).reshape(1, 3, 1, 1)
         self._std = np.asarray(self.meta["pixel_std"], np.float32).reshape(1, 3, 1, 1)
         self._providers = providers or ["CPUExecutionProvider"]
+        self.device_name = ",".join(self._providers)
         self._ort = ort
         self._sessions: Dict[str, Any] = {}
-        self._chooser = ModeChooser()
-        self._thresholds = Thresholds()
-        self.references: Optional[Dict[str, np.ndarray]] = None
-        self._bank_info: Dict[str, Any] = self.meta.get("references") or {}
-        if self.meta.get("references"):
-            with np.load(self.path / "references.npz", allow_pickle=False) as npz:
-                self.references = {k: npz[k].astype(np.float32) for k in self.meta["features"]}
+        self.forwards = 0
 
-    def __repr__(self) -> str:
-        return (f"OnnxDetector(path={str(self.path)!r}, backbone={self.config.backbone!r}, "
-                f"image_size={self.image_size}, references={self._bank_info.get('shots', 0)})")
-
-    # --- graphs --------------------------------------------------------------------------------------
     def _session(self, name: str) -> Any:
         if name not in self._sessions:
             file = self.path / f"{name}.onnx"
@@ -99,114 +127,78 @@ class OnnxDetector:
             self._sessions[name] = self._ort.InferenceSession(str(file), providers=self._providers)
         return self._sessions[name]
 
-    def _normalise(self, squares: List[np.ndarray]) -> np.ndarray:
+    def inference(self) -> Any:
+        return contextlib.nullcontext()
+
+    def prepare(self, squares: Sequence[np.ndarray]) -> np.ndarray:
         x = np.stack(squares).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
         return (x - self._mean) / self._std
 
-    def _features(self, squares: List[np.ndarray]) -> Dict[str, np.ndarray]:
-        outs = self._session("features").run(None, {"images": self._normalise(squares)})
-        return dict(zip(self.meta["features"], outs))
+    def score(self, batch: np.ndarray, scorer: Any) -> Tuple[np.ndarray, np.ndarray]:
+        self.forwards += 1
+        return scorer.score(self, batch)
 
-    def _grid_to_map(self, grid: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def head_maps(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        maps, scores = self._session("head").run(None, {"images": batch})
+        return maps, scores
+
+    def features(self, batch: np.ndarray, blocks: Sequence[int], rs: Sequence[int]
+                 ) -> Dict[Tuple[int, int], np.ndarray]:
+        wanted = [(int(b), int(r)) for b in blocks for r in rs]
+        missing = [k for k in wanted if k not in self.keys]
+        if missing:
+            raise ConfigError(f"this export holds the features of blocks {self.meta['blocks']} and r "
+                              f"{self.meta['rs']}, not {missing}", self.path)
+        self.forwards += 1
+        outs = dict(zip(self.keys, self._session("features").run(None, {"images": batch})))
+        return {k: outs[k] for k in wanted}
+
+    def references_grid(self, batch: np.ndarray, bank: ArrayBank, exclude: Optional[int]) -> np.ndarray:
+        return bank.grid(self.features(batch, self.meta["blocks"], self.meta["rs"]), exclude)
+
+    def grid_to_map(self, grids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         g = int(self.meta["grid"])
-        maps = self._session("grid_to_map").run(None, {"grid": grid.reshape(-1, g, g).astype(np.float32)})[0]
+        maps = self._session("grid_to_map").run(None, {"grid": np.asarray(grids, np.float32).reshape(-1, g, g)})[0]
         return maps, maps.reshape(maps.shape[0], -1).max(axis=1)
 
-    # --- modes ---------------------------------------------------------------------------------------
-    def scoring_mode(self, mode: Any = "auto", n_images: Optional[int] = None, compare_with: int = 64,
-                     seed: int = 0) -> Any:
-        if not isinstance(mode, str):
-            return mode
-        name = self._chooser.choose(mode, self.references is not None, n_images, self.config.head_trained)
-        return _Mode(name, compare_with, seed, self._bank_info.get("fingerprint"), self._bank_info.get("shots", 0))
-
-    def set_references(self, images: Any, batch_size: int = 8) -> None:
-        """References mode from normal images (an empty list turns it off)."""
-        items = imio.expand_inputs(images)
+    def build_references(self, items: Sequence[Any], batch_size: int = 8) -> ArrayBank:
+        """The bank of these normal images (the export's feature blocks)."""
         if not items:
-            self.references, self._bank_info = None, {}
-            return
-        parts: Dict[str, List[np.ndarray]] = {k: [] for k in self.meta["features"]}
+            raise ConfigError("references mode needs at least one reference image")
+        parts: Dict[Tuple[int, int], List[np.ndarray]] = {k: [] for k in self.keys}
         digests: List[str] = []
-        for chunk in batched(read_ahead(items, self.image_size, on_error="raise", label="reference"), batch_size):
-            for k, v in self._features([x.square for x in chunk]).items():
+        for chunk in pipeline.read(self, items, batch_size, on_error="raise", label="reference"):
+            for k, v in self.features(self.prepare([x.square for x in chunk]), self.meta["blocks"],
+                                      self.meta["rs"]).items():
                 parts[k].append(v.reshape(-1, v.shape[-1]))
-            digests += [imio.image_digest(x.square) for x in chunk]
-        self.references = {k: np.concatenate(v) for k, v in parts.items()}
-        import hashlib
+            digests += [image_digest(x.square) for x in chunk]
+        return ArrayBank({k: np.concatenate(v) for k, v in parts.items()}, digests)
 
-        h = hashlib.sha1()
-        for key in sorted(self.references):
-            h.update(self.references[key].tobytes())
-        self._bank_info = {"shots": len(digests), "digests": digests, "fingerprint": h.hexdigest()[:16]}
+    def load_references(self) -> Optional[ArrayBank]:
+        """The bank saved with the export, if any."""
+        info = self.meta.get("references")
+        if not info:
+            return None
+        with np.load(self.path / "references.npz", allow_pickle=False) as npz:
+            feats = {k: npz[f"f_{k[0]}_{k[1]}"].astype(np.float32) for k in self.keys}
+        return ArrayBank(feats, info.get("digests") or [""] * int(info.get("shots", 0)), info.get("fingerprint"))
 
-    # --- prediction ----------------------------------------------------------------------------------
-    def predict(self, images: Any, batch_size: int = 8, threshold: Optional[float] = None,
-                on_error: str = "raise", keep_image: bool = True, mode: str = "auto", compare_with: int = 64,
-                seed: int = 0) -> Union[AnomalyResult, List[AnomalyResult]]:
-        """Score one image, a list or a folder; same order; as ``AnomalyDetector.predict``."""
-        single = not isinstance(images, (list, tuple)) and not (
-            isinstance(images, (str, os.PathLike)) and Path(images).is_dir())
-        items = (list(iter_image_files(images)) if isinstance(images, (str, os.PathLike)) and Path(images).is_dir()
-                 else imio.expand_inputs(images))
-        out = list(self.predict_iter(items, batch_size, threshold, on_error, keep_image, mode=mode,
-                                     compare_with=compare_with, seed=seed))
-        return out[0] if single and len(out) == 1 else out
 
-    def predict_folder(self, folder: PathLike, batch_size: int = 8, **kwargs: Any) -> Iterator[AnomalyResult]:
-        yield from self.predict_iter(list(iter_image_files(folder)), batch_size, **kwargs)
+class OnnxDetector(Predictor):
+    """A directory written by ``visualad export`` / ``det.export_onnx``: the same predictor surface as the
+    torch detector (predict, predict_folder, predict_iter, stream, set_references, calibrate)."""
 
-    def predict_iter(self, items: Iterable[Any], batch_size: int = 8, threshold: Optional[float] = None,
-                     on_error: str = "return", keep_image: bool = False, progress: bool = False,
-                     at_model_size: bool = False, mode: Any = "auto", compare_with: int = 64,
-                     seed: int = 0) -> Iterator[AnomalyResult]:
-        """One result per item, in order; head and references a batch at a time, batch mode per set."""
-        if on_error not in ("raise", "return"):
-            raise ValueError("on_error must be 'raise' or 'return'")
-        if int(batch_size) < 1:
-            raise ValueError("batch_size must be >= 1")
-        n = len(items) if hasattr(items, "__len__") else None
-        scorer = self.scoring_mode(mode, n, compare_with, seed)
-        stream = batched(read_ahead(items, self.image_size, keep_image=keep_image, on_error=on_error,
-                                    in_flight=2 * batch_size), batch_size)
-        scored = self._set(stream, scorer) if scorer.name == "batch" else self._batches(stream, scorer)
-        yield from finish(scored, scorer, self.config, self._thresholds, "fp32", threshold, at_model_size, on_error,
-                          resize=resize_bilinear)
+    def __init__(self, path: PathLike, providers: Optional[List[str]] = None) -> None:
+        super().__init__()
+        self.backend = OnnxBackend(path, providers)
+        self.path = self.backend.path
+        self.image_size = self.backend.image_size
+        self.references = self.backend.load_references()
 
-    def _batches(self, stream: Iterable[List[Loaded]], scorer: _Mode
-                 ) -> Iterator[Tuple[Loaded, Optional[np.ndarray], float]]:
-        for chunk in stream:
-            good = [x for x in chunk if x.ok]
-            maps = scores = None
-            if good:
-                squares = [x.square for x in good]
-                if scorer.name == "head":
-                    maps, scores = self._session("head").run(None, {"images": self._normalise(squares)})
-                else:
-                    feats = self._features(squares)
-                    maps, scores = self._grid_to_map(knn.references_grid(feats, self.references))
-            yield from paired(chunk, maps, scores)
-
-    def _set(self, stream: Iterable[List[Loaded]], scorer: _Mode
-             ) -> Iterator[Tuple[Loaded, Optional[np.ndarray], float]]:
-        loaded: List[Loaded] = []
-        parts: Dict[str, List[np.ndarray]] = {k: [] for k in self.meta["features"]}
-        digests: List[str] = []
-        for chunk in stream:
-            good = [x for x in chunk if x.ok]
-            if good:
-                for k, v in self._features([x.square for x in good]).items():
-                    parts[k].append(v)
-                digests += [imio.image_digest(x.square) for x in good]
-            for x in chunk:
-                x.square = None
-            loaded += chunk
-        check_set_size(len(digests))
-        feats = {k: np.concatenate(v) for k, v in parts.items()}
-        order = knn.comparison_order(digests, scorer.seed)
-        maps, scores = self._grid_to_map(knn.batch_grid(feats, order, scorer.compare_with,
-                                                        float(self.meta["fraction"])))
-        yield from paired(loaded, maps, scores)
+    def __repr__(self) -> str:
+        shots = 0 if self.references is None else self.references.shots
+        return (f"OnnxDetector(path={str(self.path)!r}, backbone={self.config.backbone!r}, "
+                f"image_size={self.image_size}, references={shots})")
 
 
 def load(path: PathLike) -> OnnxDetector:

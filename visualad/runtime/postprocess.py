@@ -43,7 +43,7 @@ def finish(scored: Iterable[Tuple[Loaded, Optional[np.ndarray], float]], scorer:
     non-finite output of a readable input raises :class:`WeightsError` when ``on_error="raise"``."""
     described = scorer.describe()
     for x, amap, score in scored:
-        res = make_result(x, amap, score, scorer.name, at_model_size=at_model_size, resize=resize)
+        res = make_result(x, amap, score, described["mode"], at_model_size=at_model_size, resize=resize)
         if x.ok and not res.ok and on_error == "raise":  # the input was fine, the output is not finite
             raise WeightsError(res.error)
         thresholds.apply(res, config, described, dtype, threshold)
@@ -72,7 +72,7 @@ class Thresholds:
                             mode["mode"], mode["mode"])
             return False
         fp = stats.get("references_fingerprint")
-        if mode["mode"] == "references" and fp is not None and fp != mode.get("fingerprint"):
+        if "fingerprint" in mode and fp is not None and fp != mode["fingerprint"]:
             self._warn_once("bank", "thresholds were calibrated with other reference images: pred_label stays "
                             "None; calibrate again after set_references")
             return False

@@ -8,24 +8,25 @@ stream back to the driver in input order. A local Ray is started when no address
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from ..result import ROW_COLUMNS
 
-COLUMNS = ("path", "score", "label", "normalized_score", "threshold", "mode", "error", "height", "width", "map_path",
-           "map_range")
+logger = logging.getLogger(__name__)
 
 
 class Scorer:
-    """A Ray actor's model: loaded once in ``__init__``, then called on batches of paths."""
+    """A Ray actor's model: loaded once in ``__init__``, then called on batches (or sets) of paths. Every
+    actor scores in the one mode the driver chose for the whole input."""
 
     def __init__(self, model: Optional[str], mode: str, device: str, dtype: str, batch_size: int,
                  compare_with: int, threshold: Optional[float], references: Optional[List[str]],
-                 threads: int, map_format: str = "npy") -> None:
+                 threads: int, map_format: str = "npy", full_maps: bool = False) -> None:
         import torch
 
         from ..detector import AnomalyDetector
@@ -35,35 +36,30 @@ class Scorer:
         self.det = AnomalyDetector.from_pretrained(model, device=device, dtype=dtype)
         if references:
             self.det.set_references(references)
-        self.mode, self.batch_size = mode, batch_size
+        self.mode, self.batch_size, self.full_maps = mode, batch_size, full_maps
         self.compare_with, self.threshold, self.map_format = compare_with, threshold, map_format
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List[Any]]:
         from ..errors import VisualADError
-
-        from ..outputs import write_map
+        from ..outputs import OutputFiles
 
         paths = [str(p) for p in batch["path"]]
-        maps = [str(m) for m in batch["map"]]  # "" when no map is kept
-        rows = []
+        maps = [Path(str(m)) for m in batch["map"]]  # "" when no map is kept
+        files = OutputFiles(maps=maps, masks=[Path(str(m)) for m in batch["mask"]],
+                            map_format=self.map_format) if str(batch["map"][0]) else OutputFiles()
         try:
-            mode = self.det.scoring_mode(self.mode, len(paths), compare_with=self.compare_with)
             results = list(self.det.predict_iter(paths, batch_size=self.batch_size, on_error="return",
-                                                 threshold=self.threshold, mode=mode,
-                                                 at_model_size=not any(maps)))
+                                                 threshold=self.threshold, mode=self.mode,
+                                                 compare_with=self.compare_with, at_model_size=not self.full_maps))
+            rows = []
+            for i, (path, res) in enumerate(zip(paths, results)):
+                res.image_path = path
+                rows.append(files.row(i, res))
         except VisualADError as exc:  # e.g. a batch-mode set of fewer than 4 images: error rows, not a failed job
-            results = [None] * len(paths)
-            reason = str(exc)
-        for path, target, res in zip(paths, maps, results):
-            row = res.to_dict() if res is not None else {"path": path, "score": None, "error": reason}
-            if res is not None and res.ok and target:
-                try:
-                    row.update(write_map(Path(target), res.anomaly_map, self.map_format))
-                except OSError as exc:  # this row fails, not the job
-                    row["error"] = f"not written: {target}: {exc.strerror or exc}"
-            row["path"] = path
-            rows.append(row)
-        out: Dict[str, List[Any]] = {k: [r.get(k) for r in rows] for k in COLUMNS}
+            rows = [{"path": path, "score": None, "mode": self.mode, "error": str(exc), "regions": []}
+                    for path in paths]
+        out: Dict[str, List[Any]] = {k: [json.dumps(r.get(k)) if k in _JSON else r.get(k) for r in rows]
+                                     for k in ROW_COLUMNS}
         out["index"] = [int(i) for i in batch["index"]]
         return out
 
@@ -81,12 +77,21 @@ def predict_with_ray(inputs: Sequence[Tuple[Path, Optional[Path]]], model: Optio
                      compare_with: int = 64, threshold: Optional[float] = None,
                      references: Optional[List[str]] = None, actors: int = 0, group_by: str = "folder",
                      maps: Optional[Path] = None, map_format: str = "npy") -> Iterator[Dict[str, Any]]:
-    """Rows of ``inputs`` (file, the folder it was found in), in input order, scored on a Ray cluster; with
-    ``maps`` (a folder every worker can write) each raw map is written there, named as local predict names it."""
+    """Rows of ``inputs`` (file, the folder it was found in), in input order, scored on a Ray cluster, the rows
+    of local predict. The mode is chosen once, here, for the whole input (the rule of local predict); a set
+    mode scores each folder whole. With ``maps`` (a folder every worker can write) each raw map and predicted
+    mask is written there, named as local predict names them."""
     import ray
 
+    from ..detector import AnomalyDetector
     from ..outputs import target_paths
 
+    det = AnomalyDetector.from_pretrained(model, device="cpu")  # the driver's copy decides the mode
+    if references:
+        det.set_references(references)
+    scorer = det.scoring_mode(mode, len(inputs), compare_with=compare_with)
+    name, full_maps = scorer.describe()["mode"], maps is not None or det.config.pixel_threshold is not None
+    del det
     _start(address)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -94,28 +99,37 @@ def predict_with_ray(inputs: Sequence[Tuple[Path, Optional[Path]]], model: Optio
     gpu = device.startswith("cuda")
     # one CPU stays free for Ray Data's own tasks (an actor pool that takes every CPU can stall the pipeline)
     n_actors = actors or (int(ray.available_resources().get("GPU", 1)) if gpu else max(1, cpus - 1))
-    targets = (target_paths(inputs, maps, ".npy" if map_format == "npy" else ".png") if maps is not None
-               else [""] * len(inputs))
-    items = [{"index": i, "path": str(p), "map": str(t), "group": str(Path(p).parent) if group_by == "folder" else ""}
-             for i, ((p, _), t) in enumerate(zip(inputs, targets))]
-    kwargs = dict(fn_constructor_kwargs={"model": model, "mode": mode, "device": device, "dtype": dtype,
+    empty = [""] * len(inputs)
+    targets = target_paths(inputs, maps, ".npy" if map_format == "npy" else ".png") if maps is not None else empty
+    masks = target_paths(inputs, maps, ".mask.png") if maps is not None else empty
+    if maps is not None:
+        maps.mkdir(parents=True, exist_ok=True)
+    items = [{"index": i, "path": str(p), "map": str(t), "mask": str(m),
+              "group": str(Path(p).parent) if group_by == "folder" else ""}
+             for i, ((p, _), t, m) in enumerate(zip(inputs, targets, masks))]
+    kwargs = dict(fn_constructor_kwargs={"model": model, "mode": name, "device": device, "dtype": dtype,
                                          "batch_size": batch_size, "compare_with": compare_with,
                                          "threshold": threshold, "references": references,
                                          "threads": 0 if gpu else max(1, (cpus - 1) // n_actors),
-                                         "map_format": map_format},
+                                         "map_format": map_format, "full_maps": full_maps},
                   concurrency=n_actors, batch_format="numpy",
                   **({"num_gpus": 1} if gpu else {"num_cpus": 1}))
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * n_actors)))
-    if mode == "batch":
+    whole_sets = scorer.kind != "images"
+    if whole_sets:
         ds = ds.groupby("group").map_groups(Scorer, **kwargs)  # one set per folder
+        rows = sorted(ds.iter_rows(), key=lambda r: r["index"])  # groups come back by group, rows by input
     else:
-        ds = ds.map_batches(Scorer, batch_size=max(batch_size, 1) * 4, **kwargs)
-    rows = list(ds.iter_rows()) if mode == "batch" else ds.iter_rows()
-    if mode == "batch":
-        rows = sorted(rows, key=lambda r: r["index"])  # groups come back by group, rows go out by input
+        rows = ds.map_batches(Scorer, batch_size=max(batch_size, 1) * 4, **kwargs).iter_rows()
     for row in rows:
-        out = {k: _plain(row.get(k)) for k in COLUMNS}
-        yield out
+        out = {k: json.loads(row[k]) if k in _JSON else _plain(row.get(k)) for k in ROW_COLUMNS}
+        yield {k: v for k, v in out.items() if v is not None or k in _ALWAYS}
+
+
+#: columns that travel through Arrow as JSON text (lists of objects, pairs)
+_JSON = ("regions", "map_range")
+#: the keys every row has (the others only when they have a value, as in local rows)
+_ALWAYS = ("path", "score", "label", "normalized_score", "threshold", "mode", "error", "regions")
 
 
 def _plain(value: Any) -> Any:

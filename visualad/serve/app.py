@@ -1,4 +1,4 @@
-"""The HTTP service: a FastAPI app over one detector (``visualad serve``; the ``serve`` extra).
+"""The HTTP service: a FastAPI app over one predictor, torch or ONNX (``visualad serve``; the ``serve`` extra).
 
 - ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models``, ``GET /v2/models/{name}`` and
   ``POST /v2/models/{name}/infer`` (Open Inference Protocol v2, JSON: images as base64 ``BYTES``);
@@ -25,8 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ConfigError, VisualADError
-from ..runtime.postprocess import Thresholds, finish
-from ..runtime.precision import dtype_name
+from ..predictor import Predictor
 from ..runtime.readahead import Loaded, load_one
 from .batcher import Batcher
 
@@ -39,12 +38,13 @@ class _BadRequest(Exception):
         self.status, self.message = status, message
 
 
-def create_app(detector: Any, model_name: str = "visualad", token: Optional[str] = None, max_batch_size: int = 8,
+def create_app(detector: Predictor, model_name: str = "visualad", token: Optional[str] = None, max_batch_size: int = 8,
                max_latency_ms: float = 10.0, max_upload_mb: float = 20.0) -> Any:
-    """The FastAPI app of ``detector`` (an :class:`~visualad.AnomalyDetector`)."""
+    """The FastAPI app of ``detector`` (an :class:`~visualad.AnomalyDetector` or an
+    :class:`~visualad.onnx.OnnxDetector`)."""
     limit = int(max_upload_mb * 2**20)
-    batcher = Batcher(detector.engine, max_batch_size, max_latency_ms)
-    thresholds = Thresholds()
+    backend = detector.backend
+    batcher = Batcher(backend, max_batch_size, max_latency_ms)
     settings_lock = threading.Lock()  # references and thresholds change under it
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -88,7 +88,7 @@ def create_app(detector: Any, model_name: str = "visualad", token: Optional[str]
                 pil = Image.open(io.BytesIO(data))
             except Exception:  # noqa: BLE001 - any decoder failure is the client's bad file
                 raise _BadRequest(422, f"{name}: not an image, or a format Pillow cannot read") from None
-            x = load_one(i, pil, detector.engine.image_size, keep_image, label=name)
+            x = load_one(i, pil, backend.image_size, keep_image, label=name)
             if not x.ok:
                 raise _BadRequest(422, f"{name}: {x.error.reason if hasattr(x.error, 'reason') else x.error}")
             x.path = name
@@ -105,10 +105,9 @@ def create_app(detector: Any, model_name: str = "visualad", token: Optional[str]
             raise _BadRequest(400, str(exc)) from None
         out = []
         scored = ((x, m, float(s)) for x, m, s in zip(loaded, maps, scores))
-        for x, res in zip(loaded, finish(scored, scorer, detector.config, thresholds, dtype_name(detector.dtype))):
-            row = res.to_dict()
-            row["path"] = x.path
-            row["regions"] = res.regions() if res.ok else []
+        for x, res in zip(loaded, detector.results(scored, scorer)):
+            res.image_path = x.path
+            row = res.to_row()
             if overlay and res.ok:
                 buf = io.BytesIO()
                 res.overlay().save(buf, format="PNG")
@@ -119,10 +118,10 @@ def create_app(detector: Any, model_name: str = "visualad", token: Optional[str]
     def metadata() -> Dict[str, Any]:
         cfg = detector.config
         refs = detector.references
-        return {"name": model_name, "platform": "pytorch", "versions": [_version()],
+        return {"name": model_name, "platform": backend.platform, "versions": [_version()],
                 "backbone": cfg.backbone, "image_size": cfg.image_size, "head_trained": cfg.head_trained,
-                "references": 0 if refs is None else refs.shots, "device": str(detector.device),
-                "dtype": dtype_name(detector.dtype), "image_threshold": cfg.image_threshold,
+                "references": 0 if refs is None else refs.shots, "device": backend.device_name,
+                "dtype": backend.dtype_name, "image_threshold": cfg.image_threshold,
                 "pixel_threshold": cfg.pixel_threshold,
                 "calibrated_mode": (cfg.score_stats or {}).get("mode") if cfg.image_threshold is not None else None,
                 "max_batch_size": batcher.max_batch_size, "max_upload_mb": max_upload_mb,

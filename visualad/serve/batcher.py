@@ -16,6 +16,8 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
+from ..runtime import pipeline
+
 Scored = Tuple[np.ndarray, np.ndarray]  # model-size maps [n, S, S], scores [n]
 
 
@@ -35,8 +37,8 @@ def _key(scorer: Any) -> Tuple[type, str]:
 class Batcher:
     """Queue of scoring jobs served by one thread; :meth:`score` blocks its caller until its rows are done."""
 
-    def __init__(self, engine: Any, max_batch_size: int = 8, max_latency_ms: float = 10.0) -> None:
-        self.engine = engine
+    def __init__(self, backend: Any, max_batch_size: int = 8, max_latency_ms: float = 10.0) -> None:
+        self.backend = backend
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_latency = max(0.0, float(max_latency_ms)) / 1000.0
         self._queue: "queue.Queue[Optional[_Job]]" = queue.Queue()
@@ -69,7 +71,7 @@ class Batcher:
             first = self._next(None)
             if first is None:
                 return
-            if hasattr(first.scorer, "score_set"):  # batch mode: one request's images, alone
+            if first.scorer.kind != "images":  # a set: one request's images, alone
                 self._run([first])
                 continue
             jobs, n = [first], len(first.squares)
@@ -90,13 +92,13 @@ class Batcher:
     def _run(self, jobs: List[_Job]) -> None:
         try:
             scorer = jobs[0].scorer
-            if hasattr(scorer, "score_set"):
-                outs = [(x, m, s) for x, m, s in self.engine.run(jobs[0].squares, scorer, self.max_batch_size)]
+            if scorer.kind != "images":
+                outs = list(pipeline.run(self.backend, jobs[0].squares, scorer, self.max_batch_size))
                 maps = np.stack([m for _, m, _ in outs])
                 scores = np.array([s for _, _, s in outs], np.float32)
             else:
-                squares = [sq for job in jobs for sq in job.squares]
-                maps, scores = self.engine.score_arrays(squares, scorer)
+                maps, scores = self.backend.score(self.backend.prepare([sq for job in jobs for sq in job.squares]),
+                                                  scorer)
             self.batches += 1
             start = 0
             for job in jobs:

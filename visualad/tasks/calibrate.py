@@ -22,10 +22,9 @@ import numpy as np
 from ..config import VisualADConfig
 from ..data.masks import read_mask, resize_mask
 from ..errors import ConfigError
-from ..modes.references import ReferencesMode, image_digest
+from ..data.images import image_digest
 from ..progress import progress_bar
-from ..runtime.engine import Engine
-from ..runtime.precision import dtype_name
+from ..runtime import pipeline
 from ..runtime.readahead import Loaded
 
 logger = logging.getLogger(__name__)
@@ -34,27 +33,34 @@ DEFAULT_PERCENTILE = 99.5
 DEFAULT_PIXEL_PERCENTILE = 99.9
 
 
-def scored(engine: Engine, items: Sequence[Any], mode: Any, batch_size: int,
+def scored(backend: Any, items: Sequence[Any], mode: Any, batch_size: int,
            progress: bool = False) -> Iterator[Tuple[Loaded, np.ndarray, float]]:
-    """(input, model-size map, score) of each item; references that are in the bank are left out of it."""
+    """(input, model-size map, score) of each item, out of sample: an input that is part of the scorer's own
+    evidence (a reference) is scored by the scorer's ``holdout`` (leave-one-out)."""
     bar = progress_bar(len(items), progress, unit="img", desc="calibrate")
-    if isinstance(mode, ReferencesMode) and mode.bank.digests:
-        index = {d: i for i, d in enumerate(mode.bank.digests)}
-        for chunk in engine.read(items, batch_size, on_error="raise"):
-            for x in chunk:
-                own = index.get(image_digest(x.square))
-                m, s = engine.score_arrays([x.square], ReferencesMode(mode.bank, exclude=own))
+    if mode.kind == "images":
+        for chunk in pipeline.read(backend, items, batch_size, on_error="raise"):
+            own = [mode.holdout(image_digest(x.square)) for x in chunk]
+            rest = [x for x, s in zip(chunk, own) if s is mode]
+            out = {}
+            if rest:
+                maps, scores = backend.score(backend.prepare([x.square for x in rest]), mode)
+                out = {id(x): (m, v) for x, m, v in zip(rest, maps, scores)}
+            for x, s in zip(chunk, own):
+                if s is not mode:
+                    m, v = backend.score(backend.prepare([x.square]), s)
+                    out[id(x)] = (m[0], v[0])
                 x.square = None
                 bar.update(1)
-                yield x, m[0], float(s[0])
+                yield x, out[id(x)][0], float(out[id(x)][1])
     else:
-        for x, m, s in engine.run(items, mode, batch_size, on_error="raise"):
+        for x, m, s in pipeline.run(backend, items, mode, batch_size, on_error="raise"):
             bar.update(1)
             yield x, m, s
     bar.close()
 
 
-def calibrate(engine: Engine, mode: Any, config: VisualADConfig, normal_images: Sequence[Any],
+def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Sequence[Any],
               anomalous_images: Optional[Sequence[Any]] = None, masks: Optional[Sequence[Any]] = None,
               method: str = "auto", percentile: float = DEFAULT_PERCENTILE,
               pixel_percentile: float = DEFAULT_PIXEL_PERCENTILE, batch_size: int = 8,
@@ -73,7 +79,7 @@ def calibrate(engine: Engine, mode: Any, config: VisualADConfig, normal_images: 
     if not (50.0 <= percentile <= 100.0 and 50.0 <= pixel_percentile <= 100.0):
         raise ConfigError("percentiles must lie in [50, 100]")
 
-    size = engine.image_size
+    size = backend.image_size
     total = len(normal_images) * size * size
     # The pixel percentile needs only the global top (100 - p)% of normal pixels: keep a running top-k.
     keep = min(total, math.ceil((100.0 - pixel_percentile) / 100.0 * total) + 2)
@@ -81,7 +87,7 @@ def calibrate(engine: Engine, mode: Any, config: VisualADConfig, normal_images: 
     normal_scores: List[float] = []
     medians: List[float] = []
     normal_maps: List[np.ndarray] = []  # only for the pixel F1 with masks
-    for _x, amap, score in scored(engine, list(normal_images), mode, batch_size, progress):
+    for _x, amap, score in scored(backend, list(normal_images), mode, batch_size, progress):
         normal_scores.append(score)
         flat = amap.ravel()
         top = np.concatenate([top, flat])
@@ -99,7 +105,7 @@ def calibrate(engine: Engine, mode: Any, config: VisualADConfig, normal_images: 
         anomalous = list(anomalous_images)
         maps, gts = list(normal_maps), [np.zeros(m.size, dtype=bool) for m in normal_maps]
         anom_scores = []
-        for i, (x, amap, score) in enumerate(scored(engine, anomalous, mode, batch_size, progress)):
+        for i, (x, amap, score) in enumerate(scored(backend, anomalous, mode, batch_size, progress)):
             anom_scores.append(score)
             if masks is not None:
                 m = read_mask(masks[i], (x.height, x.width), image=x.path)
@@ -118,7 +124,7 @@ def calibrate(engine: Engine, mode: Any, config: VisualADConfig, normal_images: 
         "min": float(scores.min()), "max": float(scores.max()),
         "normal_mean": float(scores[labels == 0].mean()), "normal_std": float(scores[labels == 0].std()),
         "percentile": percentile, "pixel_percentile": pixel_percentile,
-        "dtype": dtype_name(engine.dtype),  # thresholds hold for this precision (bf16 moves scores ~0.01)
+        "dtype": backend.dtype_name,  # thresholds hold for this precision (bf16 moves scores ~0.01)
         "mode": describe["mode"],
         # overlay colour scale: the typical normal pixel at the bottom, the pixel threshold in the middle
         "map_min": mid, "map_max": pixel_thr + max(pixel_thr - mid, 1e-6),

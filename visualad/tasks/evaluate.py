@@ -5,7 +5,7 @@ protocol, method doc §7); ``at_original_resolution`` scores each map at its ima
 Each category is scored in one mode, recorded in its row: references (K normal train images, never test
 images), batch (the category's test images as one set; categories never mix) or the head; ``"auto"`` takes
 references when ``shots > 0``, else batch for a category of 16 or more test images (4 when the head is
-untrained), else the head.
+untrained), else the head: the rule of :class:`~visualad.modes.choice.ModeChooser`, per category.
 """
 from __future__ import annotations
 
@@ -24,13 +24,10 @@ from ..data import images as imio
 from ..data.datasets import Sample, load_dataset, load_mask
 from ..errors import ConfigError
 from ..modes import MODES
-from ..modes.batch import BatchMode
-from ..modes.choice import MIN_IMAGES, WARN_BELOW
-from ..modes.head import HeadMode
-from ..modes.references import ReferencesMode
+from ..modes.choice import ModeChooser
 from ..progress import progress_bar
 from ..runtime.engine import Engine
-from .references import build_references, draw_references
+from .references import draw_references
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +47,9 @@ def evaluate(engine: Engine, root: Union[str, "os.PathLike[str]"], out: Optional
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if shots < 0:
         raise ConfigError(f"shots must be >= 0, got {shots}")
-    if mode == "references" and shots == 0:
-        raise ConfigError("mode='references' needs shots > 0 (normal train images per category)")
     dataset = load_dataset(root, format=format)
     train = None
-    if shots > 0 and mode in ("auto", "references"):
+    if shots > 0:
         train = load_dataset(root, format=format, split="train")
     t0 = time.perf_counter()
     classes: Dict[str, Dict[str, Any]] = {}
@@ -98,13 +93,12 @@ def _category_mode(engine: Engine, mode: str, samples: List[Sample], train: Any,
         if len(refs) < shots:
             logger.warning("%s: %d shots asked, only %d normal train images: using %d", category, shots,
                            len(refs), len(refs))
-        return ReferencesMode(build_references(engine, refs, batch_size=batch_size)), len(refs)
-    trained = engine.model.config.head_trained
-    if mode == "batch" or (mode == "auto" and len(samples) >= (WARN_BELOW if trained else MIN_IMAGES)):
-        return BatchMode(compare_with=compare_with, seed=seed), None
-    if not trained:
-        logger.warning("%s: head mode on an untrained head: its metrics measure a random initialisation", category)
-    return HeadMode(), None
+        bank = engine.build_references(refs, batch_size=batch_size)
+        scorer = ModeChooser().scorer(mode, bank, len(samples), engine.model.config.head_trained,
+                                      compare_with=compare_with, seed=seed)
+        return scorer, (len(refs) if "shots" in scorer.describe() else None)  # None: the mode took no references
+    return ModeChooser().scorer(mode, None, len(samples), engine.model.config.head_trained,
+                                compare_with=compare_with, seed=seed), None
 
 
 def _evaluate_category(engine: Engine, scorer: Any, samples: List[Sample], batch_size: int, original: bool,

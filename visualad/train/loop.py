@@ -51,7 +51,7 @@ from .distributed import World, join, local_device, wrap
 from .losses import visualad_loss
 
 if TYPE_CHECKING:
-    from ..modes.references import ReferenceBank
+    from ..modes.bank import ReferenceBank
     from ..runtime.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -506,7 +506,7 @@ def finetune(engine: "Engine", aux: PathLike, out_dir: Optional[PathLike] = None
             sums = dict.fromkeys(LOSS_KEYS, 0.0)
             n_ok, t_epoch = 0, time.perf_counter()
             for batch in data.batches(epoch, config.batch_size, config.num_workers, world):
-                images = engine.to_batch(list(batch.images))
+                images = engine.prepare(list(batch.images))
                 masks = torch.from_numpy(batch.masks).to(dev, non_blocking=True)
                 labels = torch.from_numpy(batch.labels).to(dev)
                 has_mask = torch.from_numpy(batch.has_mask).to(dev)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -18,10 +17,10 @@ import torch
 
 from ..atomic import staging_dir
 from ..errors import WeightsError
-from ..layout import BACKBONE_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME
+from ..layout import CONFIG_NAME, WEIGHTS_NAME
 from ..types import PathLike
 from .hub import sha256_file
-from .safe import is_lfs_pointer, load_safetensors, save_safetensors
+from .safe import is_lfs_pointer, load_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -231,11 +230,6 @@ def _derive_config(ckpt: Mapping[str, Any], state: Mapping[str, torch.Tensor], l
 
 
 # --- conversion ------------------------------------------------------------------------------------------
-def _library_state_dict(backbone: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The backbone's weights in its library's own naming (what Backbone.load_weights accepts)."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.library_state_dict().items()}
-
-
 def convert_official(checkpoint: PathLike, out_dir: PathLike, backbone: str = "clip-l",
                      backbone_weights: Optional[PathLike] = None, load_final_norm: bool = False,
                      **config_overrides: Any) -> Path:
@@ -249,7 +243,7 @@ def convert_official(checkpoint: PathLike, out_dir: PathLike, backbone: str = "c
     """
     from .._version import __version__
     from ..config import VisualADConfig
-    from ..store import build_model, save_model
+    from ..store import build_model, publish, save_model
 
     checkpoint = Path(checkpoint)
     out_dir = Path(out_dir)
@@ -289,43 +283,20 @@ def convert_official(checkpoint: PathLike, out_dir: PathLike, backbone: str = "c
     # The head runs on the pretrained backbone: the directory must never carry the random weights it was
     # built with, only the real ones when given (otherwise they are fetched from their pin at load time).
     model.config = dataclasses.replace(model.config, backbone_pretrained=True)
-    backbone_state = None
     if backbone_weights is not None:
         sd = load_safetensors(backbone_weights)
         model.backbone.load_weights(sd)  # strict: names and shapes must match the built backbone
-        backbone_state = _library_state_dict(model.backbone)
         del sd
 
     tmp = staging_dir(out_dir)
     try:
-        if backbone_state is not None:
-            save_safetensors(backbone_state, tmp / BACKBONE_WEIGHTS_NAME,
-                             metadata={"format": "pt", "backbone": backbone})
-        save_model(tmp, model)
-        _publish(tmp, out_dir, replace_backbone=backbone_state is not None)
+        save_model(tmp, model, backbone=backbone_weights is not None)
+        publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("converted %s -> %s (ln_post from %s)", checkpoint, out_dir,
                 "the checkpoint" if load_final_norm else "the backbone")
     return out_dir
-
-
-def _publish(tmp: Path, out_dir: Path, replace_backbone: bool) -> None:
-    """Rename a finished directory into place, or move its files into an existing one (config.json last)."""
-    try:
-        os.rename(tmp, out_dir)  # fails when out_dir exists and is not empty
-        return
-    except OSError:
-        if not out_dir.is_dir():
-            raise
-    stale = out_dir / BACKBONE_WEIGHTS_NAME
-    if not replace_backbone and stale.is_file():
-        logger.warning("removing %s left by an earlier conversion (no backbone weights were given now)", stale)
-        stale.unlink()
-    names = sorted(p.name for p in tmp.iterdir())
-    names.sort(key=lambda n: n == CONFIG_NAME)  # config.json last: its presence means the rest is there
-    for name in names:
-        os.replace(tmp / name, out_dir / name)
 
 
 def official_model_dir(name: str, entry: Mapping[str, Any], cache_dir: Optional[PathLike] = None,

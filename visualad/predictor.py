@@ -1,0 +1,168 @@
+"""Predictor: the one prediction surface over a backend (no torch here).
+
+``predict`` / ``predict_folder`` / ``predict_iter`` / ``stream`` / ``scoring_mode`` / ``set_references`` /
+``calibrate``, thresholds and progress are written once, here; :class:`~visualad.AnomalyDetector` (torch) and
+:class:`~visualad.onnx.OnnxDetector` (onnxruntime) only say how they are built and which backend they run
+(:mod:`visualad.runtime.pipeline` says what a backend provides). The HTTP service and Ray take any Predictor.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
+
+from .config import VisualADConfig
+from .data import images as imio
+from .data.files import iter_image_files
+from .modes.base import Scorer
+from .modes.choice import ModeChooser
+from .progress import progress_bar
+from .result import AnomalyResult
+from .runtime import pipeline
+from .runtime.postprocess import Thresholds, finish
+from .types import PathLike
+
+logger = logging.getLogger(__name__)
+
+
+class Predictor:
+    """What every detector offers; a subclass sets ``backend`` (and may set ``references``) in ``__init__``."""
+
+    backend: Any
+    references: Any = None
+
+    def __init__(self) -> None:
+        self._thresholds = Thresholds()
+        self._chooser = ModeChooser()
+
+    @property
+    def config(self) -> VisualADConfig:
+        return self.backend.config
+
+    @property
+    def dtype_name(self) -> str:
+        return self.backend.dtype_name
+
+    # --- modes ---------------------------------------------------------------------------------------
+    def scoring_mode(self, mode: Union[str, Scorer] = "auto", n_images: Optional[int] = None,
+                     compare_with: int = 64, seed: int = 0) -> Scorer:
+        """The scorer a call uses (the rule: :class:`visualad.modes.choice.ModeChooser`); a scorer object
+        (what this returns) is used as it is."""
+        if isinstance(mode, Scorer):
+            return mode
+        return self._chooser.scorer(mode, self.references, n_images, self.config.head_trained,
+                                    compare_with=compare_with, seed=seed)
+
+    def set_references(self, images: Any, batch_size: int = 8, **kwargs: Any) -> None:
+        """References mode: keep the patch features of normal images of the product (an empty list turns it
+        off). Keyword arguments go to the backend's bank builder (torch: ``blocks``, ``rs``)."""
+        items = expand(images)
+        self.references = self.backend.build_references(items, batch_size=batch_size, **kwargs) if items else None
+
+    def clear_references(self) -> None:
+        self.references = None
+
+    # --- prediction ----------------------------------------------------------------------------------
+    def predict(self, images: Any, batch_size: int = 8, threshold: Optional[float] = None,
+                on_error: str = "raise", keep_image: bool = True, progress: bool = False,
+                references: Optional[Any] = None, mode: Union[str, Scorer] = "auto", compare_with: int = 64,
+                seed: int = 0) -> Union[AnomalyResult, List[AnomalyResult]]:
+        """Score one image, a list of them or a folder (path, PIL image, NumPy array, tensor); same order.
+
+        ``mode``: "auto" | "head" | "references" | "batch" (see :meth:`scoring_mode`); ``res.mode`` says which
+        ran. Batch mode scores the images given together against each other, each against at most
+        ``compare_with`` others (seeded). ``on_error="return"`` turns an unreadable input into a result with
+        ``error`` set; ``threshold`` overrides the calibrated image threshold; ``references``: normal images
+        for this call only.
+        """
+        single = not isinstance(images, (list, tuple)) and not (
+            getattr(images, "ndim", 0) == 4 and images.shape[0] > 1) and not _is_dir(images)
+        items = expand(images)
+        saved = self.references
+        try:
+            if references is not None:
+                self.set_references(references, batch_size=batch_size)
+            results = list(self.predict_iter(items, batch_size, threshold, on_error, keep_image, progress,
+                                             mode=mode, compare_with=compare_with, seed=seed))
+        finally:
+            self.references = saved
+        return results[0] if single and len(results) == 1 else results
+
+    def predict_folder(self, folder: PathLike, batch_size: int = 8, threshold: Optional[float] = None,
+                       on_error: str = "return", recursive: bool = True, keep_image: bool = False,
+                       progress: bool = False, mode: Union[str, Scorer] = "auto", compare_with: int = 64,
+                       seed: int = 0) -> Iterator[AnomalyResult]:
+        """Yield one result per image file under ``folder`` (sorted), a batch at a time."""
+        files = list(iter_image_files(folder, recursive=recursive))
+        yield from self.predict_iter(files, batch_size, threshold, on_error, keep_image, progress, mode=mode,
+                                     compare_with=compare_with, seed=seed)
+
+    def predict_iter(self, items: Iterable[Any], batch_size: int = 8, threshold: Optional[float] = None,
+                     on_error: str = "return", keep_image: bool = False, progress: bool = False,
+                     at_model_size: bool = False, mode: Union[str, Scorer] = "auto", compare_with: int = 64,
+                     seed: int = 0) -> Iterator[AnomalyResult]:
+        """Yield one result per item, in order, a batch at a time, in constant memory for head and references.
+
+        ``at_model_size`` keeps the maps at the model's square input size (the papers' evaluation protocol)
+        instead of resizing them to each image's original size. ``mode`` may also be a scorer object.
+        """
+        if on_error not in ("raise", "return"):
+            raise ValueError("on_error must be 'raise' or 'return'")
+        if int(batch_size) < 1:
+            raise ValueError("batch_size must be >= 1")
+        n = len(items) if hasattr(items, "__len__") else None
+        scorer = self.scoring_mode(mode, n, compare_with, seed)
+        return self._results(pipeline.run(self.backend, items, scorer, batch_size, keep_image=keep_image,
+                                          on_error=on_error), scorer, n, progress, threshold, at_model_size,
+                             on_error)
+
+    def _results(self, scored: Iterable[Any], scorer: Scorer, n: Optional[int], progress: bool,
+                 threshold: Optional[float], at_model_size: bool, on_error: str) -> Iterator[AnomalyResult]:
+        bar = progress_bar(n, progress, unit="img")
+        for res in finish(scored, scorer, self.config, self._thresholds, self.dtype_name, threshold,
+                          at_model_size, on_error, resize=self.backend.resize_map):
+            bar.update(1)
+            yield res
+        bar.close()
+
+    def results(self, scored: Iterable[Any], scorer: Scorer, threshold: Optional[float] = None
+                ) -> Iterator[AnomalyResult]:
+        """Results with this predictor's thresholds from (input, model-size map, score) computed elsewhere
+        (the service's shared forwards)."""
+        return self._results(scored, scorer, None, False, threshold, False, "return")
+
+    def stream(self, images: Iterable[Any], window: int = 64, warmup: int = 16, seed: int = 0,
+               batch_size: int = 1, **kwargs: Any) -> Iterator[AnomalyResult]:
+        """Score an unlabeled stream of one product (a line camera): each image against the last ``window``
+        images (batch mode over a rolling window). The first ``warmup`` images come out together, scored
+        against each other; then each image as soon as it is read. Other keyword arguments as
+        :meth:`predict_iter`; see :mod:`visualad.modes.stream`."""
+        from .modes.stream import StreamMode
+
+        return self.predict_iter(images, batch_size=batch_size, mode=StreamMode(window, warmup, seed), **kwargs)
+
+    # --- thresholds ----------------------------------------------------------------------------------
+    def calibrate(self, normal_images: Any, anomalous_images: Any = None, masks: Any = None, method: str = "auto",
+                  mode: Union[str, Scorer] = "auto", **kwargs: Any) -> Dict[str, Any]:
+        """Set image and pixel thresholds for one mode (see :mod:`visualad.tasks.calibrate`); save_pretrained
+        persists them. ``mode="auto"``: references when set, else batch for 16 or more normal images, else
+        the head. Normal images only: a high percentile of their scores; with anomalous images: F1-max."""
+        from .tasks.calibrate import calibrate
+
+        normals = expand(normal_images)
+        scorer = self.scoring_mode(mode, len(normals), kwargs.pop("compare_with", 64), kwargs.pop("seed", 0))
+        return calibrate(self.backend, scorer, self.config, normals,
+                         None if anomalous_images is None else expand(anomalous_images),
+                         masks=masks, method=method, **kwargs)
+
+
+def _is_dir(images: Any) -> bool:
+    return isinstance(images, (str, os.PathLike)) and Path(images).is_dir()
+
+
+def expand(images: Any) -> List[Any]:
+    """A folder becomes its image files (sorted); anything else goes through ``expand_inputs``."""
+    if _is_dir(images):
+        return list(iter_image_files(images))
+    return imio.expand_inputs(images)

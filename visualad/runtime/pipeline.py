@@ -1,0 +1,112 @@
+"""The one prediction pipeline, over any backend (torch :class:`~visualad.runtime.engine.Engine`, onnxruntime
+:class:`~visualad.onnx.runtime.OnnxBackend`); no torch here.
+
+input -> read-ahead (decode, validate, square resize; bounded) -> ``backend.prepare`` -> dispatch on the
+scorer's ``kind``: ``images`` (a batch at a time), ``set`` (the whole set's features, then the set's grids),
+``stream`` (each image's features as it comes) -> ``backend.grid_to_map`` -> (input, model-size map, score).
+
+A backend provides: ``image_size``, ``depth``, ``dtype_name``, ``knn`` (the nearest-neighbour primitives on
+its arrays: ``mutual_distances``, ``interval_average``, ``distances_to_images``, ``stack``, ``concat``,
+``unpermute``), ``prepare(squares)``, ``score(batch, scorer)``, ``features(batch, blocks, rs)``,
+``references_grid(batch, bank, exclude)``, ``grid_to_map(grids) -> (maps, scores)`` on the host,
+``inference()`` (the context set and stream scoring run in) and ``build_references(items, batch_size)``.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from ..data.images import image_digest
+from .readahead import Loaded, batched, paired, read_ahead
+
+Scored = Tuple[Loaded, Optional[np.ndarray], float]
+
+
+def read(backend: Any, items: Iterable[Any], batch_size: int, *, keep_image: bool = False,
+         on_error: str = "return", label: str = "input") -> Iterator[List[Loaded]]:
+    """Batches of decoded inputs, with at most two batches in flight (constant memory)."""
+    if int(batch_size) < 1:
+        raise ValueError("batch_size must be >= 1")
+    stream = read_ahead(items, backend.image_size, keep_image=keep_image, on_error=on_error,
+                        in_flight=2 * batch_size, label=label)
+    return batched(stream, batch_size)
+
+
+def run(backend: Any, items: Iterable[Any], scorer: Any, batch_size: int = 8, *, keep_image: bool = False,
+        on_error: str = "return") -> Iterator[Scored]:
+    """(input, model-size map or None, score) per input, in order; see the module's docstring."""
+    chunks = read(backend, items, batch_size, keep_image=keep_image, on_error=on_error)
+    return _BY_KIND[scorer.kind](backend, chunks, scorer, batch_size)
+
+
+def _images(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_size: int) -> Iterator[Scored]:
+    for chunk in chunks:
+        good = [x for x in chunk if x.ok]
+        maps = scores = None
+        if good:
+            maps, scores = backend.score(backend.prepare([x.square for x in good]), scorer)
+        yield from paired(chunk, maps, scores)
+
+
+def _set(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_size: int) -> Iterator[Scored]:
+    blocks = scorer.blocks_for(backend.depth)
+    loaded: List[Loaded] = []
+    parts: Dict[Tuple[int, int], List[Any]] = {}
+    digests: List[str] = []
+    for chunk in chunks:
+        good = [x for x in chunk if x.ok]
+        if good:
+            for key, f in backend.features(backend.prepare([x.square for x in good]), blocks, scorer.rs).items():
+                parts.setdefault(key, []).append(f)
+            digests += [image_digest(x.square) for x in good]
+        for x in chunk:
+            x.square = None  # only the features are kept for the set
+        loaded += chunk
+    ops = backend.knn
+    with backend.inference():
+        # one key at a time, so the per-batch pieces and the whole set never coexist
+        grids = scorer.score_set(backend, {k: ops.concat(parts.pop(k)) for k in list(parts)}, digests)
+        done = 0
+        for s in range(0, len(loaded), batch_size):
+            chunk = loaded[s:s + batch_size]
+            n_ok = sum(x.ok for x in chunk)
+            maps = scores = None
+            if n_ok:
+                maps, scores = backend.grid_to_map(grids[done:done + n_ok])
+                done += n_ok
+            yield from paired(chunk, maps, scores)
+
+
+def _stream(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_size: int) -> Iterator[Scored]:
+    blocks = scorer.blocks_for(backend.depth)
+    waiting: Deque[Loaded] = deque()  # inputs in arrival order whose result is not out yet (errors too)
+    ready: Deque[Any] = deque()  # grids of the first waiting inputs that are ok
+
+    def emit() -> Iterator[Scored]:
+        while waiting and (not waiting[0].ok or ready):
+            x = waiting.popleft()
+            if not x.ok:
+                yield x, None, float("nan")
+                continue
+            with backend.inference():
+                maps, scores = backend.grid_to_map(backend.knn.stack([ready.popleft()]))
+            yield x, maps[0], float(scores[0])
+
+    for chunk in chunks:
+        good = [x for x in chunk if x.ok]
+        waiting.extend(chunk)
+        if good:
+            feats = backend.features(backend.prepare([x.square for x in good]), blocks, scorer.rs)
+            with backend.inference():
+                for i, x in enumerate(good):
+                    ready.extend(scorer.feed(backend, {k: v[i] for k, v in feats.items()}, image_digest(x.square)))
+                    x.square = None
+        yield from emit()
+    with backend.inference():
+        ready.extend(scorer.flush(backend))
+    yield from emit()
+
+
+_BY_KIND = {"images": _images, "set": _set, "stream": _stream}
