@@ -68,7 +68,7 @@ def child_references(args: argparse.Namespace) -> Dict[str, float]:
     det = _detector(args)
     det.set_references(_images(SHOTS, args.size, 1))
     mode = det.scoring_mode("references")
-    x = det.engine.to_batch(_images(BATCH, args.size, 2))
+    x = det.engine.prepare(_images(BATCH, args.size, 2))
     plain = _median_time(lambda: _plain_forward(det, x), args.reps)
     ours = _median_time(lambda: det.engine.score(x, mode), args.reps)
     return {"plain_s": plain / BATCH, "ours_s": ours / BATCH}
@@ -80,7 +80,7 @@ def child_batch(args: argparse.Namespace) -> Dict[str, float]:
     mode = BatchMode(compare_with=args.compare_with)
     out: Dict[str, float] = {}
     if args.with_plain:
-        xs = [det.engine.to_batch(images[s:s + BATCH]) for s in range(0, args.n, BATCH)]
+        xs = [det.engine.prepare(images[s:s + BATCH]) for s in range(0, args.n, BATCH)]
         out["plain_s"] = _median_time(lambda: [_plain_forward(det, x) for x in xs], args.reps) / args.n
         del xs
 
@@ -97,7 +97,7 @@ def child_batch(args: argparse.Namespace) -> Dict[str, float]:
 def child_stream(args: argparse.Namespace) -> Dict[str, float]:
     det = _detector(args)
     images = _images(args.n, args.size, 4)
-    x = det.engine.to_batch(images[:1])
+    x = det.engine.prepare(images[:1])
     plain = _median_time(lambda: _plain_forward(det, x), args.reps)
     stamps = [time.perf_counter() for _ in det.stream(images, window=args.window, warmup=16, batch_size=1)]
     full = args.window  # from here on every image meets a full window

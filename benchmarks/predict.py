@@ -88,7 +88,7 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
     rng = np.random.default_rng(0)
     squares = [rng.integers(0, 255, size=(s, s, 3), dtype=np.uint8) for _ in range(b)]
     originals = [rng.integers(0, 255, size=(600, 800, 3), dtype=np.uint8) for _ in range(b)]
-    x = det.engine.to_batch(squares)
+    x = det.engine.prepare(squares)
     autocast = det.engine.autocast
 
     def backbone() -> None:
@@ -114,7 +114,7 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
     out["ours_io_s"] = _time(ours_io, reps, sync) / b
     if args.authors:
         fp32 = AnomalyDetector(model, device=args.device, dtype="fp32")
-        one = fp32.engine.to_batch(squares[:1])
+        one = fp32.engine.prepare(squares[:1])
         out["authors_s"] = _time(lambda: _authors_way(model, one), reps, sync)
         with torch.inference_mode():
             ref_maps, ref_scores = fp32.engine.score_arrays(squares[:1], HeadMode())

@@ -27,7 +27,7 @@ import torch
 
 from visualad import AnomalyDetector
 from visualad.train import TrainConfig, build_optimizer, train_step
-from visualad.train.loop import _amp_dtype
+from visualad.train.recipe import autocast_dtype
 
 TINY_CLIP = {"backbone": "open_clip:ViT-B-32",
              "backbone_kwargs": {"layers": 4, "width": 64, "head_width": 32, "image_size": 64, "patch_size": 16}}
@@ -50,7 +50,7 @@ def make_batch(batch: int, size: int, device: torch.device, seed: int = 0):
 def time_mode(det: AnomalyDetector, checkpointing: bool, args: argparse.Namespace) -> Dict[str, Any]:
     dev = det.device
     cfg = TrainConfig(gradient_checkpointing=checkpointing, amp=args.amp, batch_size=args.batch_size)
-    amp_dtype = _amp_dtype(cfg.amp, dev)
+    amp_dtype = autocast_dtype(cfg.amp, dev)
     model = det.model
     opt, _ = build_optimizer(model, cfg)
     model.train()
