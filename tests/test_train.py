@@ -285,3 +285,66 @@ def test_compiled_detector_trains_eagerly_and_keeps_its_compiled_call(tmp_path):
 
 def _raise_value_error(epoch, stats):
     raise ValueError("stop")
+
+
+def _goods(folder: Path, n: int, seed: int = 1) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(90, 140, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+@pytest.mark.parametrize("layout", ["mvtec_train_good_only", "plain_good_folder", "mixed_tree"])
+def test_finetune_reads_the_layouts_users_have_and_the_result_loads(layout, tmp_path):
+    root = tmp_path / "aux"
+    if layout == "mvtec_train_good_only":  # ROOT/<category>/train/good/*.png and nothing else
+        _goods(root / "widget" / "train" / "good", 4)
+        want = {"test": 0, "train": 4}, {"widget": {"normal": 4, "anomalous": 0}}, True
+    elif layout == "plain_good_folder":
+        _goods(root / "good", 4)
+        want = {"test": 4, "train": 0}, {"aux": {"normal": 4, "anomalous": 0}}, True
+    else:  # train/good beside a labelled test split: the paper's protocol trains on the test split
+        _make_mvtec(root, n_good=2, n_bad=2)
+        _goods(root / "widget" / "train" / "good", 3)
+        want = {"test": 4, "train": 0}, {"widget": {"normal": 2, "anomalous": 2}}, False
+    report = _tiny().finetune(root, out_dir=tmp_path / "out", epochs=1, batch_size=2, progress=False)
+    data = report["data"]
+    assert (data["splits"], data["by_class"], data["synthetic_anomalies"]) == want
+    assert report["start"].startswith("a fresh, untrained head")
+    det = AnomalyDetector.from_pretrained(tmp_path / "out", device="cpu")
+    assert det.config.head_trained and det.config.metadata["training_data"]["splits"] == data["splits"]
+    if layout == "mixed_tree":  # asked for, the train normals join
+        report = _tiny().finetune(root, epochs=1, batch_size=2, progress=False, include_train_normals=True)
+        assert report["data"]["splits"] == {"test": 4, "train": 3}
+
+
+def test_an_empty_tree_is_one_clear_error(tmp_path):
+    (tmp_path / "aux" / "widget" / "train").mkdir(parents=True)
+    with pytest.raises(DatasetError):
+        _tiny().finetune(tmp_path / "aux", epochs=1, progress=False)
+
+
+def test_cli_and_python_finetune_start_from_the_same_head(monkeypatch, tmp_path, capsys):
+    """No --model on the CLI and from_pretrained() in Python: both continue from the default model's head."""
+    import visualad.train.loop as loop
+    from visualad.cli import main
+
+    starts = []
+
+    def capture(engine, aux, **kwargs):
+        starts.append(({k: v.detach().clone() for k, v in engine.model.head_state_dict().items()}, kwargs["start"]))
+        return {"epochs": 0, "data": {"n_images": 0, "splits": {"test": 0, "train": 0}, "by_class": {},
+                                      "synthetic_anomalies": False, "n_anomalous": 0, "n_anomalous_with_mask": 0}}
+
+    monkeypatch.setattr(loop, "finetune", capture)
+    _goods(tmp_path / "aux" / "good", 4)
+    AnomalyDetector.from_pretrained(device="cpu").finetune(tmp_path / "aux", out_dir=tmp_path / "py")
+    assert main(["finetune", str(tmp_path / "aux"), "--out", str(tmp_path / "cli"), "--device", "cpu"]) == 0
+    assert "starting from the trained head of" in capsys.readouterr().err
+    (py, py_start), (cli, cli_start) = starts
+    assert py_start == cli_start and py_start.startswith("the trained head of")
+    assert py.keys() == cli.keys() and all(torch.equal(py[k], cli[k]) for k in py)
+    assert main(["finetune", str(tmp_path / "aux"), "--out", str(tmp_path / "fresh"), "--device", "cpu",
+                 "--fresh-head"]) == 0
+    fresh, fresh_start = starts[2]
+    assert fresh_start.startswith("a fresh, untrained head") and not all(torch.equal(py[k], fresh[k]) for k in py)

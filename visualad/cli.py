@@ -137,9 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Writes a model directory loadable with --model DIR.")
     p.add_argument("root", type=Path, metavar="AUX_ROOT")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
-    p.add_argument("--model", default="dinov2-s-imgfocus",
-                   help="backbone name for a fresh head (dinov2-s-imgfocus, clip-l, dinov2-l, timm:..., "
-                        "open_clip:...) or a model directory to continue from")
+    p.add_argument("--model", default=None,
+                   help="the model to continue from: alias, model directory or org/repo[@revision] (default: the "
+                        "offline default model, dinov2-s-imgfocus, with its trained head, as "
+                        "AnomalyDetector.from_pretrained().finetune() starts)")
+    p.add_argument("--fresh-head", action="store_true",
+                   help="start from a fresh, untrained head on the model's backbone instead (seeded by --seed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="training and prediction size in px (default: the base model's; 224 for "
@@ -152,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--synthesize", choices=["auto", "always", "never"], default="auto",
                    help="synthetic anomalies on normal images (auto: only when the set has no anomalies)")
+    p.add_argument("--include-train-normals", action="store_true",
+                   help="also train on the train split's normal images when the test split has anomalies (they are "
+                        "used anyway when it has none or is missing)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     _common(p)
 
@@ -389,12 +395,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from . import AnomalyDetector
 
-    if Path(args.model).is_dir():
-        det = AnomalyDetector.from_pretrained(args.model, device=args.device, image_size=args.image_size)
-    else:
-        overrides = {} if args.image_size is None else {"image_size": args.image_size}
-        det = AnomalyDetector.from_backbone(args.model, device=args.device, seed=args.seed, **overrides)
-    train_args = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr).items()
+    det = AnomalyDetector.from_pretrained(args.model, device=args.device, image_size=args.image_size)
+    if args.fresh_head:
+        det = det.with_fresh_head(seed=args.seed)
+    if not args.quiet:
+        print(f"visualad finetune: starting from {det.start}", file=sys.stderr)
+    train_args = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                        include_train_normals=args.include_train_normals or None).items()
                   if v is not None}
     report = det.finetune(args.root, out_dir=args.out, resume=args.resume, seed=args.seed,
                           synthesize=args.synthesize, gradient_checkpointing=args.gradient_checkpointing,
@@ -402,6 +409,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote the model and speaks for the run
         keys = ("epochs", "steps", "final_loss", "seconds", "world_size")
         print(json.dumps({k: report[k] for k in keys if k in report}))
+        data = report["data"]
+        classes = ", ".join(f"{c}: {v['normal']} normal, {v['anomalous']} anomalous"
+                            for c, v in data["by_class"].items())
+        print(f"trained on {data['n_images']} images ({data['splits']['test']} from the test split, "
+              f"{data['splits']['train']} from the train split; {classes}; "
+              + ("synthetic anomalies on the normal images" if data["synthetic_anomalies"] else
+                 f"{data['n_anomalous']} real anomalies, {data['n_anomalous_with_mask']} with masks") + ")")
         print(f"model written to {args.out}")
     return EXIT_OK
 

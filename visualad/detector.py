@@ -84,6 +84,13 @@ class AnomalyDetector(Predictor):
         det = cls(model, device=device, dtype=dtype)
         return det.compile() if compile else det
 
+    def with_fresh_head(self, seed: Optional[int] = 111) -> "AnomalyDetector":
+        """The same backbone (shared, frozen) with a fresh, untrained head seeded by ``seed``: finetune from
+        scratch rather than from this model's head."""
+        from .store import fresh_head
+
+        return type(self)(fresh_head(self.model, seed), device=self.device, dtype=self.dtype)
+
     @classmethod
     def from_pretrained(cls, name_or_path: Optional[PathLike] = None, device: Union[str, torch.device] = "auto",
                         dtype: Union[str, torch.dtype] = "auto", image_size: Optional[int] = None,
@@ -163,12 +170,13 @@ class AnomalyDetector(Predictor):
 
     # --- tasks ---------------------------------------------------------------------------------------
     def finetune(self, aux: PathLike, **kwargs: Any) -> Dict[str, Any]:
-        """Train the tokens, SCA and SAF on an auxiliary dataset; the backbone stays frozen.
+        """Train the tokens, SCA and SAF on an auxiliary dataset; the backbone stays frozen. Training continues
+        from this detector's head (:attr:`start`; a fresh one for :meth:`from_backbone`).
 
         Keyword arguments: out_dir, resume, seed, progress, device, ``image_size`` (train and then predict at
         this size; the cost grows with the patches, ``(image_size / 14)^2``), and any
         :class:`visualad.train.TrainConfig` field (epochs, batch_size, lr, synthesize, ...); see
-        :func:`visualad.train.loop.finetune`. Returns the training report.
+        :func:`visualad.train.loop.finetune`. Returns the training report (its ``start`` says where it began).
         """
         from .store import resize_model
         from .train.loop import finetune
@@ -181,7 +189,17 @@ class AnomalyDetector(Predictor):
             if self.references is not None:
                 logger.warning("the references were set at the old size and are dropped: set them again")
                 self.references = None
-        return finetune(self.engine, aux, references=self.references, **kwargs)
+        logger.info("finetune starts from %s", self.start)
+        return finetune(self.engine, aux, references=self.references, start=self.start, **kwargs)
+
+    @property
+    def start(self) -> str:
+        """Where finetune begins: this model's trained head, or a fresh head on its backbone."""
+        cfg = self.config
+        name = cfg.metadata.get("name") or cfg.metadata.get("model") or cfg.backbone
+        if cfg.head_trained:
+            return f"the trained head of {name} ({cfg.backbone})"
+        return f"a fresh, untrained head on {cfg.backbone}"
 
     def evaluate(self, dataset_root: PathLike, out: Optional[PathLike] = None, **kwargs: Any) -> Dict[str, Any]:
         """Per-class and mean metrics on a labelled dataset (see :func:`visualad.tasks.evaluate.evaluate`);

@@ -41,6 +41,16 @@ def build_model(config: VisualADConfig, *, seed: Optional[int] = None, model_dir
         return VisualAD(config, backbone)
 
 
+def fresh_head(model: VisualAD, seed: Optional[int] = 111) -> VisualAD:
+    """The same backbone with a new, untrained head initialised from ``seed`` (as :func:`build_model` does)."""
+    config = dataclasses.replace(model.config, head_trained=False, image_threshold=None, pixel_threshold=None,
+                                 score_stats=None, files={}, metadata={})
+    with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        return VisualAD(config, model.backbone).to(model.pixel_mean.device)
+
+
 def resize_model(model: VisualAD, image_size: int) -> VisualAD:
     """The same backbone and trained head at another input size (checked against the SCA position table)."""
     config = dataclasses.replace(model.config, image_size=int(image_size))

@@ -6,7 +6,7 @@ import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,16 +46,7 @@ class TrainingSet:
         self.size = int(image_size)
         self.seed = config.seed
         self.normal_fraction = config.synth_normal_fraction
-        ds = load_dataset(root, format=config.dataset_format, split="test")
-        self.root, self.format = ds.root, ds.format
-        samples: List[Sample] = list(ds.samples)
-        if config.include_train_normals:
-            try:
-                seen = {s.image_path for s in samples}
-                samples += [s for s in load_dataset(root, format=config.dataset_format, split="train").samples
-                            if s.label == 0 and s.image_path not in seen]
-            except DatasetError as exc:
-                logger.warning("include_train_normals: no train split read (%s)", exc)
+        samples, splits = self._read(root, config)
         self.samples = samples
         self.normals = [i for i, s in enumerate(samples) if s.label == 0]
         n_anomalous = sum(s.label == 1 for s in samples)
@@ -72,12 +63,47 @@ class TrainingSet:
         if self.synthetic:
             logger.info("training on synthetic anomalies (CutPaste, Perlin blend) over %d normal images",
                         len(self.normals))
+        by_class: Dict[str, Dict[str, int]] = {}
+        for smp in samples:
+            row = by_class.setdefault(smp.category, {"normal": 0, "anomalous": 0})
+            row["anomalous" if smp.label else "normal"] += 1
         self.stats = {
-            "root": str(self.root), "format": self.format, "categories": sorted({s.category for s in samples}),
+            "root": str(self.root), "format": self.format, "categories": sorted(by_class),
             "n_images": len(samples), "n_anomalous": n_anomalous, "n_normal": len(samples) - n_anomalous,
             "n_anomalous_with_mask": n_masked, "include_train_normals": bool(config.include_train_normals),
-            "synthetic_anomalies": bool(self.synthetic),
+            "synthetic_anomalies": bool(self.synthetic), "splits": splits, "by_class": by_class,
         }
+        if self.synthetic and len(by_class) == 1:
+            logger.warning("training on the good images of one product with synthetic anomalies: measured on "
+                           "shared/data, references mode with 16 good images of the product did better without "
+                           "any training (mean image AUROC 0.930 against 0.679 for such a head; docs/user-guide.md"
+                           "); compare both with `visualad eval ROOT --shots 16` and `visualad eval ROOT --model "
+                           "<this output>`")
+
+    def _read(self, root: PathLike, config: TrainConfig) -> Tuple[List[Sample], Dict[str, int]]:
+        """The labelled images of every split the layout has: the test split (the paper's protocol: normal and
+        anomalous images with masks), and the train split's normal images when asked, or when the test split is
+        missing or has no anomalies (a product's good parts only: MVTec's train/good, a plain good/)."""
+        splits: Dict[str, List[Sample]] = {}
+        errors = []
+        for split in ("test", "train"):
+            try:
+                ds = load_dataset(root, format=config.dataset_format, split=split)
+            except DatasetError as exc:
+                errors.append(exc)
+                continue
+            self.root, self.format = ds.root, ds.format
+            splits[split] = list(ds.samples)
+        if not splits:
+            raise errors[0]
+        samples = splits.get("test", [])
+        if "train" in splits and (config.include_train_normals or not any(smp.label for smp in samples)):
+            seen = {smp.image_path for smp in samples}
+            samples = samples + [smp for smp in splits["train"] if smp.label == 0 and smp.image_path not in seen]
+        test_paths = {smp.image_path for smp in splits.get("test", [])}
+        counts = {"test": sum(smp.image_path in test_paths for smp in samples)}
+        counts["train"] = len(samples) - counts["test"]
+        return samples, counts
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -38,7 +38,8 @@ REPORT_FILE = "training_report.json"
 def finetune(engine: "Engine", aux: PathLike, out_dir: Optional[PathLike] = None, resume: bool = False,
              seed: Optional[int] = 111, progress: bool = True, device: Optional[Union[str, torch.device]] = None,
              on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
-             references: Optional["ReferenceBank"] = None, **overrides: Any) -> Dict[str, Any]:
+             references: Optional["ReferenceBank"] = None, start: Optional[str] = None,
+             **overrides: Any) -> Dict[str, Any]:
     """Train the engine's head on the auxiliary dataset ``aux``; returns the training report.
 
     ``overrides`` are :class:`TrainConfig` fields (plus ``lr``, the token learning rate). With ``out_dir``
@@ -47,6 +48,7 @@ def finetune(engine: "Engine", aux: PathLike, out_dir: Optional[PathLike] = None
     an uninterrupted run; the checkpoint's config is used, and an explicitly given option that changes what
     is computed (not e.g. ``num_workers``) is an error. ``on_epoch_end(epoch, stats)`` runs after each
     epoch's checkpoint (1-based epoch). ``references`` are saved with the model (they do not train).
+    ``start`` says where the head starts from (recorded in the report).
     """
     t_start = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
@@ -159,7 +161,7 @@ def finetune(engine: "Engine", aux: PathLike, out_dir: Optional[PathLike] = None
         "device": str(dev), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
         "model": {"backbone": model.config.backbone, "image_size": model.config.image_size,
                   "layers": list(model.config.layers or ())},
-        "train_config": config.to_dict(), "world_size": world.size,
+        "train_config": config.to_dict(), "world_size": world.size, "start": start,
     }
     if out is not None:
         from ..store import save_model
