@@ -206,3 +206,36 @@ def test_no_mode_is_dispatched_by_name_outside_the_registry():
 ])
 def test_the_dispatch_finder_finds_planted_dispatch(planted):
     assert mode_dispatch(planted)
+
+
+def test_the_service_serves_a_calibrated_export_with_torch_and_opencv_blocked(tmp_path):
+    import subprocess
+    import sys
+
+    det = AnomalyDetector.from_backbone(device="cpu", dtype="fp32", pretrained_backbone=False, image_size=56,
+                                        **TINY_TIMM)
+    det.calibrate(_lot(20, seed=7), mode="batch", percentile=80, pixel_percentile=98)
+    export = det.export_onnx(tmp_path / "export")
+    for i, img in enumerate(_lot(8, seed=8)):
+        Image.fromarray(img).save(tmp_path / f"p{i}.png")
+    want = OnnxDetector(export).predict([str(tmp_path / f"p{i}.png") for i in range(8)])
+    code = f"""
+import sys, json
+sys.modules["torch"] = None  # any import of torch (or OpenCV) now fails
+sys.modules["cv2"] = None
+from fastapi.testclient import TestClient
+from visualad.cli import _load_detector, build_parser
+from visualad.serve.app import create_app
+args = build_parser().parse_args(["serve", "--model", {str(export)!r}])
+files = [("file", (f"p{{i}}.png", open({str(tmp_path)!r} + f"/p{{i}}.png", "rb").read(), "image/png"))
+         for i in range(8)]
+with TestClient(create_app(_load_detector(args))) as client:
+    print(json.dumps(client.post("/predict", files=files).json()["results"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["mode"] for r in rows] == ["batch"] * 8 and all(r["label"] is not None for r in rows)
+    assert [r["label"] for r in rows] == [w.pred_label for w in want]
+    np.testing.assert_allclose([r["score"] for r in rows], [w.pred_score for w in want], atol=1e-5)
+    assert [len(r["regions"]) for r in rows] == [len(w.regions()) for w in want]
