@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-latency-ms", type=float, default=10.0,
                    help="how long a request may wait for others to share its forward (default: 10)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger requests get 413 (default: 20)")
+    p.add_argument("--max-images", type=_positive_int, default=64,
+                   help="images in one request; more get 413 (default: 64)")
     p.add_argument("--token", default=os.environ.get("VISUALAD_TOKEN"),
                    help="require 'Authorization: Bearer TOKEN' (default: $VISUALAD_TOKEN; none)")
     p.add_argument("--references", type=Path, default=None, help="normal images to start in references mode")
@@ -505,7 +507,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _references(det, args.references)
     name = Path(args.model).name if args.model else "visualad"
     app = create_app(det, model_name=name, token=args.token, max_batch_size=args.max_batch_size,
-                     max_latency_ms=args.max_latency_ms, max_upload_mb=args.max_upload_mb)
+                     max_latency_ms=args.max_latency_ms, max_upload_mb=args.max_upload_mb,
+                     max_images=args.max_images)
     print(f"visualad serve: http://{args.host}:{args.port}/ serving {name!r}; Ctrl-C or SIGTERM stops",
           file=sys.stderr)
     # uvicorn shuts down gracefully on SIGTERM (requests in flight finish), then raises the signal again for the

@@ -1,7 +1,8 @@
 """The HTTP service: a FastAPI app over one predictor, torch or ONNX (``visualad serve``; the ``serve`` extra).
 
-- ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models``, ``GET /v2/models/{name}`` and
-  ``POST /v2/models/{name}/infer`` (Open Inference Protocol v2, JSON: images as base64 ``BYTES``);
+- the Open Inference Protocol v2 as Triton's and KServe's clients call it (:mod:`visualad.serve.oip`):
+  ``GET /v2``, ``/v2/health/live|ready``, ``/v2/models/{name}[/versions/1][/ready]``, ``POST
+  /v2/models/{name}[/versions/1]/infer`` in JSON (base64 images) or with the binary tensor data extension;
 - ``POST /predict``: multipart ``file`` parts -> ``{"results": [...]}`` (``?overlay=png`` adds each picture as
   base64 PNG), ``POST /calibrate`` and ``POST /references`` from normal images;
 - ``GET /``: the inspection page (no CDN: its script is served from here).
@@ -23,11 +24,16 @@ from typing import Any, Dict, List, Optional, Tuple
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, VisualADError
 from ..predictor import Predictor
 from ..runtime.readahead import Loaded, load_one
+from . import oip
 from .batcher import Batcher
+
+#: the protocol's model versions: one model, one version
+VERSIONS = ["1"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +45,7 @@ class _BadRequest(Exception):
 
 
 def create_app(detector: Predictor, model_name: str = "visualad", token: Optional[str] = None, max_batch_size: int = 8,
-               max_latency_ms: float = 10.0, max_upload_mb: float = 20.0) -> Any:
+               max_latency_ms: float = 10.0, max_upload_mb: float = 20.0, max_images: int = 64) -> Any:
     """The FastAPI app of ``detector`` (an :class:`~visualad.AnomalyDetector` or an
     :class:`~visualad.onnx.OnnxDetector`)."""
     limit = int(max_upload_mb * 2**20)
@@ -69,6 +75,11 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
     async def bad_request(request: Request, exc: _BadRequest) -> Any:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        """Every error in the protocol's form, {"error": ...} (unknown routes and methods too)."""
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
     async def read_files(request: Request) -> List[Tuple[str, bytes]]:
         body = await request.body()
         if len(body) > limit:
@@ -77,6 +88,8 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
         files = [(f.filename or f"file{i}", await f.read()) for i, f in enumerate(form.getlist("file"))]
         if not files:
             raise _BadRequest(400, "no 'file' parts in the request (multipart/form-data)")
+        if len(files) > max_images:
+            raise _BadRequest(413, f"{len(files)} images in one request is over the limit of {max_images}")
         return files
 
     def decode(files: List[Tuple[str, bytes]], keep_image: bool) -> List[Loaded]:
@@ -118,7 +131,7 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
     def metadata() -> Dict[str, Any]:
         cfg = detector.config
         refs = detector.references
-        return {"name": model_name, "platform": backend.platform, "versions": [_version()],
+        return {"name": model_name, "platform": backend.platform, "versions": VERSIONS, "visualad": _version(),
                 "backbone": cfg.backbone, "image_size": cfg.image_size, "head_trained": cfg.head_trained,
                 "references": 0 if refs is None else refs.shots, "device": backend.device_name,
                 "dtype": backend.dtype_name, "image_threshold": cfg.image_threshold,
@@ -126,12 +139,18 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
                 "calibrated_mode": (cfg.score_stats or {}).get("mode") if cfg.image_threshold is not None else None,
                 "max_batch_size": batcher.max_batch_size, "max_upload_mb": max_upload_mb,
                 "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
-                "outputs": [{"name": "score", "datatype": "FP32", "shape": [-1]},
-                            {"name": "label", "datatype": "BOOL", "shape": [-1]}]}
+                "max_images": max_images,
+                "outputs": [{"name": name, "datatype": dtype, "shape": [-1]} for name, dtype in oip.OUTPUTS.items()]}
 
-    def check_name(name: str) -> None:
+    def check_name(name: str, version: Optional[str] = None) -> None:
         if name != model_name:
             raise _BadRequest(404, f"no model {name!r}; this server serves {model_name!r}")
+        if version is not None and version not in VERSIONS:
+            raise _BadRequest(404, f"model {name!r} has no version {version!r}; it has {VERSIONS}")
+
+    @app.get("/v2")
+    def server_metadata() -> Dict[str, Any]:
+        return {"name": "visualad", "version": _version(), "extensions": oip.EXTENSIONS}
 
     @app.get("/v2/health/live")
     def live() -> Dict[str, bool]:
@@ -146,28 +165,49 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
         return {"models": [model_name]}
 
     @app.get("/v2/models/{name}")
-    def model(name: str) -> Dict[str, Any]:
-        check_name(name)
+    @app.get("/v2/models/{name}/versions/{version}")
+    def model(name: str, version: Optional[str] = None) -> Dict[str, Any]:
+        check_name(name, version)
         return metadata()
 
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    def model_ready(name: str, version: Optional[str] = None) -> Dict[str, Any]:
+        check_name(name, version)
+        return {"name": model_name, "ready": True}
+
+    async def bounded_body(request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes the limit while it streams."""
+        parts, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                raise _BadRequest(413, f"upload over the limit of {limit} bytes (--max-upload-mb {max_upload_mb:g})")
+            parts.append(chunk)
+        return b"".join(parts)
+
     @app.post("/v2/models/{name}/infer")
-    async def infer(name: str, request: Request) -> Any:
-        check_name(name)
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: Optional[str] = None) -> Any:
+        check_name(name, version)
         try:
-            payload = await request.json()
-            inp = payload["inputs"][0]
-            data = inp["data"]
-            files = [(f"image{i}", base64.b64decode(d, validate=True)) for i, d in enumerate(data)]
-        except Exception as exc:  # noqa: BLE001 - any malformed body
-            raise _BadRequest(400, f"expected an Open Inference Protocol v2 JSON body with base64 BYTES images "
-                                   f"in inputs[0].data ({type(exc).__name__})") from None
-        mode = str((payload.get("parameters") or {}).get("mode", "auto"))
-        rows = await run_in_threadpool(score, files, mode)  # the event loop keeps taking requests
-        labels = [r["label"] for r in rows]
-        return {"model_name": model_name, "id": payload.get("id"), "parameters": {"mode": rows[0]["mode"]},
-                "outputs": [{"name": "score", "datatype": "FP32", "shape": [len(rows)],
-                             "data": [r["score"] for r in rows]},
-                            {"name": "label", "datatype": "BOOL", "shape": [len(rows)], "data": labels}]}
+            req = oip.parse_infer(await bounded_body(request), request.headers.get(oip.HEADER), max_images)
+        except oip.ProtocolError as exc:
+            raise _BadRequest(exc.status, exc.message) from None
+        mode, overlay = req.parameters.get("mode", "auto"), req.parameters.get("overlay")
+        if not isinstance(mode, str) or overlay not in (None, "png"):
+            raise _BadRequest(400, "parameters.mode must be a mode name and parameters.overlay 'png' or absent")
+        files = [(f"image{i}", data) for i, data in enumerate(req.images)]
+        rows = await run_in_threadpool(score, files, mode, overlay == "png")  # the loop keeps taking requests
+        outputs: Dict[str, Any] = {"score": [r["score"] for r in rows]}
+        calibrated = all(r["label"] is not None for r in rows)
+        if calibrated:
+            outputs["label"] = [r["label"] for r in rows]
+        if overlay == "png":
+            outputs["overlay"] = [base64.b64decode(r["overlay_png"]) for r in rows]
+        body, headers = oip.encode_response(req, model_name, outputs,
+                                            {"mode": rows[0]["mode"], "calibrated": calibrated})
+        return Response(body, headers=headers)
 
     @app.post("/predict")
     async def predict(request: Request, mode: str = "auto", overlay: Optional[str] = None) -> Any:
