@@ -1,12 +1,13 @@
-"""Record the default model's scores and map digests on ../shared/data (run once, on a chosen commit).
+"""Record the default model's golden outputs on ../shared/data (run once, on a chosen commit, in fp32 and bf16).
 
     python tests/record_baseline.py > tests/data/default_model_baseline.json
 
-test_baseline.py compares today's code with the file bit for bit: a refactor must not move a single value.
+Per test image: the score and an 8 x 8 summary of the map (the mean of each of 64 equal tiles). Values, not
+float bits: test_baseline.py compares them within tolerances that follow the dtype, so the check holds on any
+CPU and torch build yet still catches a real change of the model.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import shared_data_root  # noqa: E402
+
+VARIANTS = {"fp32_model_size": ("fp32", True), "bf16_model_size": ("bf16", True),
+            "fp32_original_size": ("fp32", False)}
 
 
 def shared_test_images(root: Path) -> list:
@@ -31,18 +35,21 @@ def shared_test_images(root: Path) -> list:
     return sorted(out)
 
 
-def digest(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+def summary(amap: np.ndarray, tiles: int = 8) -> list:
+    """The mean of each of ``tiles x tiles`` equal tiles of a map (edges split as evenly as integers allow)."""
+    ys = np.linspace(0, amap.shape[0], tiles + 1).astype(int)
+    xs = np.linspace(0, amap.shape[1], tiles + 1).astype(int)
+    return [[float(amap[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean()) for j in range(tiles)] for i in range(tiles)]
 
 
-def record(dtype: str, paths: list, root: Path, at_model_size: bool) -> dict:
+def outputs(dtype: str, at_model_size: bool, paths: list, root: Path) -> dict:
     from visualad import AnomalyDetector
 
     det = AnomalyDetector.from_pretrained(device="cpu", dtype=dtype)
     rows = {}
     for rel, res in zip(paths, det.predict_iter([root / p for p in paths], batch_size=8, on_error="raise",
-                                                at_model_size=at_model_size)):
-        rows[rel] = {"score": float(res.pred_score).hex(), "map_sha256": digest(res.anomaly_map),
+                                                at_model_size=at_model_size, mode="head")):
+        rows[rel] = {"score": float(res.pred_score), "summary": summary(res.anomaly_map),
                      "shape": list(res.anomaly_map.shape)}
     return rows
 
@@ -51,11 +58,9 @@ def main() -> None:
     root = shared_data_root()
     paths = shared_test_images(root)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    out = {"commit": commit, "images": len(paths), "batch_size": 8,
-           "fp32_model_size": record("fp32", paths, root, True),
-           "bf16_model_size": record("bf16", paths, root, True),
-           "fp32_original_size": record("fp32", paths, root, False)}
-    json.dump(out, sys.stdout, indent=1, sort_keys=True)
+    out = {"commit": commit, "images": len(paths), "batch_size": 8}
+    out.update({key: outputs(dtype, at_model, paths, root) for key, (dtype, at_model) in VARIANTS.items()})
+    json.dump(out, sys.stdout, sort_keys=True, separators=(",", ":"))
 
 
 if __name__ == "__main__":
