@@ -294,7 +294,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = OutputFiles.for_inputs(inputs, overlays=args.overlays, maps=args.save_maps, map_format=args.map_format,
                                    style=args.overlay_style, cmap=args.cmap, alpha=args.alpha)
     keys = [input_key(p) for p, _ in inputs]
-    writer = RowWriter(args.out, resume=args.resume, inputs=keys) if args.out else None
+    if args.out is not None and args.out.resolve() in {p.resolve() for p, _ in inputs}:
+        raise VisualADError("--out is one of the inputs; choose another file for the rows", args.out)
+    writer = RowWriter(args.out, resume=args.resume, inputs=keys, run=_run_settings(args)) if args.out else None
     start = time.perf_counter()
     rows = _predict_rows_ray if args.engine == "ray" else _predict_rows
     try:
@@ -318,6 +320,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _run_settings(args: argparse.Namespace) -> dict:
+    """What changes a row, as asked for on the command line (with fingerprints of the model's and the references'
+    files): ``--resume`` keeps only rows written with the same."""
+    import hashlib
+
+    from .rows import input_key
+
+    def fingerprint(keys: list) -> Optional[str]:
+        return hashlib.sha256(repr(keys).encode()).hexdigest()[:16] if keys else None
+
+    model_files = []
+    if args.model is not None and Path(args.model).is_dir():  # a local model or export: its settings file
+        model_files = [input_key(Path(args.model) / n) for n in ("config.json", "visualad_onnx.json")]
+    refs = [input_key(f) for f, _ in expand_paths([str(args.references)])] if args.references else []
+    return {"model": args.model, "model_files": fingerprint([k for k in model_files if k]), "mode": args.mode,
+            "threshold": args.threshold, "image_size": args.image_size, "dtype": args.dtype,
+            "compare_with": args.compare_with, "references": fingerprint(refs)}
 
 
 def _predict_rows_ray(args: argparse.Namespace, inputs: List[tuple], keys: List, writer, files) -> tuple:
@@ -566,6 +587,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Terminated:
         print("visualad: terminated", file=sys.stderr)
         return 143
+    except Exception as exc:  # noqa: BLE001 - a bug or a library's surprise: one line; the traceback with -v
+        logging.getLogger(__name__).debug("the traceback of the unexpected error", exc_info=True)
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"visualad {args.command}: unexpected error: {type(exc).__name__}: {text}"
+              + ("" if args.verbose else " (run again with -v for the traceback)"), file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

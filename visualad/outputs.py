@@ -7,27 +7,52 @@ the run.
 from __future__ import annotations
 
 import io
+from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from .atomic import atomic_write_bytes
+from .errors import VisualADError
 from .result import AnomalyResult
 
 MAP_FORMATS = ("npy", "png16")
 Input = Tuple[Path, Optional[Path]]  # (file, the folder it was found in, or None)
 
 
-def target_paths(inputs: Sequence[Input], folder: Path, suffix: str) -> List[Path]:
+def target_paths(inputs: Sequence[Input], folder: Path, suffix: str, taken: Optional[Set[str]] = None) -> List[Path]:
     """Each input's path under ``folder`` (relative to the folder it was found in) with ``suffix`` instead of
-    its extension; inputs that would share a name (``a.png``, ``a.jpg``) keep theirs (``a.jpg.png``)."""
+    its extension. Every input gets its own file: inputs that would share a name (``a.png``, ``a.jpg``) keep
+    their extension (``a.jpg.png``), and a name still taken, case-insensitively as on macOS and Windows (also in
+    ``taken``, the names of other targets in the same folder), gets a number (``a.jpg~2.png``)."""
     rel = [p.relative_to(base) if base is not None else Path(p.name) for p, base in inputs]
     plain = [folder / r.with_suffix(suffix) for r in rel]
-    counts: Dict[Path, int] = {}
-    for t in plain:
-        counts[t] = counts.get(t, 0) + 1
-    return [t if counts[t] == 1 else folder / r.with_name(r.name + suffix) for t, r in zip(plain, rel)]
+    counts = Counter(str(t).casefold() for t in plain)
+    taken = set() if taken is None else taken
+    out = []
+    for t, r in zip(plain, rel):
+        target, n = (t if counts[str(t).casefold()] == 1 else folder / r.with_name(r.name + suffix)), 2
+        while str(target).casefold() in taken:
+            target, n = folder / r.with_name(f"{r.name}~{n}{suffix}"), n + 1
+        taken.add(str(target).casefold())
+        out.append(target)
+    return out
+
+
+def refuse_overwriting_inputs(inputs: Sequence[Input], folders: Dict[str, Optional[Path]],
+                              targets: Sequence[Path]) -> None:
+    """Outputs never replace an input: an output folder that is an input folder, or a target that is an input
+    file, is an error before anything is written."""
+    sources = {p.resolve() for p, _ in inputs}
+    bases = {base.resolve() for _, base in inputs if base is not None}
+    for option, folder in folders.items():
+        if folder is not None and folder.resolve() in bases:
+            raise VisualADError(f"{option} is an input folder: its files would be written among the inputs "
+                                "(and could replace them); choose another folder", folder)
+    for target in targets:
+        if target.resolve() in sources:
+            raise VisualADError("an output would replace this input; choose another output folder", target)
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -72,13 +97,20 @@ class OutputFiles:
                    map_format: str = "npy", **style: Any) -> "OutputFiles":
         """The targets of ``inputs`` under the ``overlays`` and ``maps`` folders (made here: an unusable folder
         is one error, not one per row)."""
+        overlay_targets = mask_targets = map_targets = None
+        if overlays is not None:
+            overlay_targets = target_paths(inputs, overlays, ".png")
+        if maps is not None:  # maps and masks share the folder: their names are chosen together
+            taken = set() if overlays is None or overlays.resolve() != maps.resolve() else {
+                str(t).casefold() for t in overlay_targets or []}
+            map_targets = target_paths(inputs, maps, ".npy" if map_format == "npy" else ".png", taken)
+            mask_targets = target_paths(inputs, maps, ".mask.png", taken)
+        refuse_overwriting_inputs(inputs, {"--overlays": overlays, "--save-maps": maps},
+                                  [t for ts in (overlay_targets, map_targets, mask_targets) for t in ts or []])
         for folder in (overlays, maps):
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
-        return cls(overlays=target_paths(inputs, overlays, ".png") if overlays is not None else None,
-                   maps=target_paths(inputs, maps, ".npy" if map_format == "npy" else ".png") if maps else None,
-                   masks=target_paths(inputs, maps, ".mask.png") if maps is not None else None,
-                   map_format=map_format, **style)
+        return cls(overlays=overlay_targets, maps=map_targets, masks=mask_targets, map_format=map_format, **style)
 
     @property
     def needs_image(self) -> bool:

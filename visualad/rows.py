@@ -2,8 +2,13 @@
 
 Rows go to ``<out>.partial`` as they finish (flushed each row, fsynced every few) and the file is renamed to
 ``<out>`` at the end. After a kill, ``--resume`` keeps the rows whose input is unchanged (same path, size and
-modification time), so each input ends up exactly once; an interrupted run (SIGINT, SIGTERM) keeps its partial
-file for that.
+modification time) and were written with the same settings (the ``run`` column: model, mode, threshold, image
+size...), so each input ends up exactly once; an interrupted run (SIGINT, SIGTERM) keeps its partial file for that.
+Rows of other settings are refused with what differs, never mixed in. Lines that cannot be read (cut short by a
+kill, not UTF-8) are skipped.
+
+CSV cells that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab, carriage return) are written
+behind a ``'``, as OWASP advises; reading them back for ``--resume`` takes it off again.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import os
 from pathlib import Path
 from typing import IO, Any, Dict, Iterable, Optional, Tuple
 
+from .errors import VisualADError
 from .result import ROW_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -22,8 +28,10 @@ PARTIAL_SUFFIX = ".partial"
 FSYNC_EVERY = 64  # rows
 
 Key = Tuple[str, int, int]
-#: the CSV columns: the JSONL fields, lists and objects as JSON text
-CSV_COLUMNS = ROW_COLUMNS + ("file_size", "file_mtime_ns")
+#: the CSV columns: the JSONL fields, lists and objects as JSON text; then what --resume keys on
+CSV_COLUMNS = ROW_COLUMNS + ("file_size", "file_mtime_ns", "run")
+#: the first characters that make a spreadsheet cell a formula; ``'`` itself so that escaping can be undone
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 def _cell(value: Any) -> str:
@@ -33,7 +41,23 @@ def _cell(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, dict)):
         return json.dumps(value)
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
     return str(value)
+
+
+def _uncell(text: str) -> str:
+    return text[1:] if text.startswith("'") else text
+
+
+def _run_of(row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    run = row.get("run")
+    if isinstance(run, str):
+        try:
+            run = json.loads(run)
+        except json.JSONDecodeError:
+            return None
+    return run if isinstance(run, dict) else None
 
 
 def input_key(path: Path) -> Optional[Key]:
@@ -56,8 +80,12 @@ class RowWriter:
     """Streams rows to ``<out>.partial``; :meth:`commit` renames it to ``out``. With ``resume``, rows of an
     earlier run of the same inputs (from ``out`` or its partial file) are kept and their inputs skipped."""
 
-    def __init__(self, out: Path, resume: bool = False, inputs: Iterable[Optional[Key]] = ()) -> None:
+    def __init__(self, out: Path, resume: bool = False, inputs: Iterable[Optional[Key]] = (),
+                 run: Optional[Dict[str, Any]] = None) -> None:
+        """``run``: the settings that change a row; every row carries them and ``resume`` keeps only rows of the
+        same (anything else is an error that says what differs)."""
         self.out = Path(out)
+        self.run = run
         self.csv = self.out.suffix.lower() == ".csv"
         self.parquet = _Parquet() if self.out.suffix.lower() == ".parquet" else None
         self.partial = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
@@ -82,16 +110,32 @@ class RowWriter:
             for row in self._read(path):
                 key = _row_key(row)
                 if key is not None and not row.get("error") and input_key(Path(row["path"])) == key:
+                    self._same_run(row, path)
                     rows[key] = row
         return rows
+
+    def _same_run(self, row: Dict[str, Any], path: Path) -> None:
+        """A kept row must come from a run of the same settings."""
+        if self.run is None:
+            return
+        earlier = _run_of(row)
+        if earlier is None:
+            raise VisualADError(f"--resume: its rows do not record their settings (an older visualad); run again "
+                                "without --resume", path)
+        diff = [f"{k} {earlier.get(k)!r} then, {self.run.get(k)!r} now" for k in sorted(set(earlier) | set(self.run))
+                if earlier.get(k) != self.run.get(k)]
+        if diff:
+            raise VisualADError("--resume: these rows were written with other settings (" + "; ".join(diff)
+                                + "); run with the same settings, or without --resume to start over", path)
 
     def _read(self, path: Path) -> Iterable[Dict[str, Any]]:
         if self.parquet is not None:
             yield from self.parquet.read(path)
             return
-        with open(path, encoding="utf-8", newline="") as fh:
+        # bytes that are not UTF-8 become U+FFFD: such a row names no input and is dropped like a cut-short one
+        with open(path, encoding="utf-8", errors="replace", newline="") as fh:
             if self.csv:
-                yield from (row for row in csv.DictReader(fh) if row.get("file_mtime_ns"))  # not a cut-short line
+                yield from _csv_rows(fh)
                 return
             for line in fh:
                 try:
@@ -106,6 +150,8 @@ class RowWriter:
 
     def write(self, row: Dict[str, Any]) -> None:
         assert self._fh is not None
+        if self.run is not None:
+            row["run"] = self.run
         if self.parquet is not None:
             self.parquet.add(row, self._fh)
             return
@@ -136,6 +182,20 @@ class RowWriter:
             self._fh.close()
             self._fh = None
             logger.warning("rows so far are in %s; run the same command with --resume to finish", self.partial)
+
+
+def _csv_rows(fh: IO[str]) -> Iterable[Dict[str, Any]]:
+    """The complete rows of a CSV file; a line the csv module refuses (a NUL byte...) is skipped."""
+    reader = csv.DictReader(fh)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            continue
+        if row.get("file_mtime_ns"):  # not a cut-short line
+            yield {k: _uncell(v) if isinstance(v, str) else v for k, v in row.items()}
 
 
 class _Parquet:

@@ -25,9 +25,20 @@ from ..predictor import Predictor
 from ..runtime import pipeline
 from ..types import PathLike
 from . import knn
-from .meta import read_meta
+from .meta import META_NAME, read_meta
 
 logger = logging.getLogger(__name__)
+
+#: protobuf's limit: a bigger graph file is not one onnxruntime can read
+MAX_GRAPH_BYTES = 2**31
+#: each graph's input and output names (the features graph's outputs are listed in the metadata)
+GRAPH_SIGNATURES = {"head": (["images"], ["maps", "scores"]), "features": (["images"], None),
+                    "grid_to_map": (["grid"], ["maps"])}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
 
 
 def resize_bilinear(m: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -71,6 +82,9 @@ class ArrayBank:
         for key, q in queries.items():
             b, p, c = q.shape
             bank = self.features[key]
+            if bank.shape[1] != c:
+                raise ConfigError(f"the references hold features of size {bank.shape[1]}, the graph gives {c}: "
+                                  "they come from another model; set the references again")
             if exclude is None:
                 d = knn.nearest_distance(q.reshape(b * p, c), bank).reshape(b, p)
             elif self.shots > 1:
@@ -108,8 +122,12 @@ class OnnxBackend:
         self.config = VisualADConfig.from_dict(self.meta["config"], self.path)
         self.image_size = int(self.meta["image_size"])
         # the backbone's depth picks the feature blocks; exports before it was recorded: the depth of their blocks
-        self.depth = int(self.meta.get("depth") or next(
-            d for d in range(1, 1000) if list(partners.blocks_for_depth(d)) == list(self.meta["blocks"])))
+        depth = self.meta.get("depth") or next(
+            (d for d in range(1, 1000) if list(partners.blocks_for_depth(d)) == list(self.meta["blocks"])), None)
+        if depth is None:
+            raise ConfigError(f"{META_NAME}: no depth, and blocks {self.meta['blocks']} are not those of any depth",
+                              self.path)
+        self.depth = int(depth)
         self.keys = [(int(b), int(r)) for b in self.meta["blocks"] for r in self.meta["rs"]]
         self._mean = np.asarray(self.meta["pixel_mean"], np.float32).reshape(1, 3, 1, 1)
         self._std = np.asarray(self.meta["pixel_std"], np.float32).reshape(1, 3, 1, 1)
@@ -120,12 +138,47 @@ class OnnxBackend:
         self.forwards = 0
 
     def _session(self, name: str) -> Any:
+        """The graph ``name`` on onnxruntime, from a regular file inside the export and no bigger than ONNX allows;
+        whatever onnxruntime refuses (random bytes, unknown ops, external data) is one typed error."""
         if name not in self._sessions:
             file = self.path / f"{name}.onnx"
-            if not file.is_file():
-                raise WeightsError(f"{file.name} is missing from this export", self.path)
-            self._sessions[name] = self._ort.InferenceSession(str(file), providers=self._providers)
+            inside = self.path.resolve()
+            if file.is_symlink() or not file.is_file() or inside not in file.resolve().parents:
+                raise WeightsError(f"{file.name} is missing from this export or is not a regular file in it",
+                                   self.path)
+            if file.stat().st_size > MAX_GRAPH_BYTES:
+                raise WeightsError(f"{file.name} is {file.stat().st_size} bytes, over ONNX's limit of "
+                                   f"{MAX_GRAPH_BYTES}", self.path)
+            options = self._ort.SessionOptions()
+            options.log_severity_level = 3  # its refusals come back as our error, not as log lines
+            try:
+                session = self._ort.InferenceSession(str(file), options, providers=self._providers)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for every bad graph
+                raise WeightsError(f"{file.name}: onnxruntime cannot load it: {_first_line(exc)}", self.path) from None
+            inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+            want_in, want_out = GRAPH_SIGNATURES.get(name, (None, None))
+            want_out = self.meta.get("features") if name == "features" else want_out
+            if inputs != want_in or (want_out is not None and outputs != list(want_out)):
+                raise WeightsError(f"{file.name} takes {inputs} and gives {outputs}; this export's graph takes "
+                                   f"{want_in} and gives {want_out}", self.path)
+            self._sessions[name] = session
         return self._sessions[name]
+
+    def _run(self, name: str, feed: Dict[str, np.ndarray], shapes: Sequence[Tuple[int, ...]]) -> List[np.ndarray]:
+        """Run a graph and check its outputs against the shapes the pipeline expects (-1: any size)."""
+        try:
+            outs = self._session(name).run(None, feed)
+        except VisualADError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a graph that fails on valid input is a broken export
+            raise WeightsError(f"{name}.onnx failed: {_first_line(exc)}", self.path) from None
+        if len(outs) != len(shapes):
+            raise WeightsError(f"{name}.onnx gave {len(outs)} outputs, not {len(shapes)}", self.path)
+        for out, shape in zip(outs, shapes):
+            if out.ndim != len(shape) or any(w not in (-1, got) for w, got in zip(shape, out.shape)):
+                raise WeightsError(f"{name}.onnx gave an output of shape {list(out.shape)}, not "
+                                   f"{[w if w >= 0 else 'any' for w in shape]}", self.path)
+        return [np.asarray(o, np.float32) for o in outs]
 
     def inference(self) -> Any:
         return contextlib.nullcontext()
@@ -139,7 +192,8 @@ class OnnxBackend:
         return scorer.score(self, batch)
 
     def head_maps(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        maps, scores = self._session("head").run(None, {"images": batch})
+        n, size = len(batch), self.image_size
+        maps, scores = self._run("head", {"images": batch}, [(n, size, size), (n,)])
         return maps, scores
 
     def features(self, batch: np.ndarray, blocks: Sequence[int], rs: Sequence[int]
@@ -150,7 +204,8 @@ class OnnxBackend:
             raise ConfigError(f"this export holds the features of blocks {self.meta['blocks']} and r "
                               f"{self.meta['rs']}, not {missing}", self.path)
         self.forwards += 1
-        outs = dict(zip(self.keys, self._session("features").run(None, {"images": batch})))
+        tokens = int(self.meta["grid"]) ** 2
+        outs = dict(zip(self.keys, self._run("features", {"images": batch}, [(len(batch), tokens, -1)] * len(self.keys))))
         return {k: outs[k] for k in wanted}
 
     def references_grid(self, batch: np.ndarray, bank: ArrayBank, exclude: Optional[int]) -> np.ndarray:
@@ -158,7 +213,9 @@ class OnnxBackend:
 
     def grid_to_map(self, grids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         g = int(self.meta["grid"])
-        maps = self._session("grid_to_map").run(None, {"grid": np.asarray(grids, np.float32).reshape(-1, g, g)})[0]
+        grids = np.asarray(grids, np.float32).reshape(-1, g, g)
+        size = self.image_size
+        maps = self._run("grid_to_map", {"grid": grids}, [(len(grids), size, size)])[0]
         return maps, maps.reshape(maps.shape[0], -1).max(axis=1)
 
     def build_references(self, items: Sequence[Any], batch_size: int = 8) -> ArrayBank:
@@ -175,13 +232,31 @@ class OnnxBackend:
         return ArrayBank({k: np.concatenate(v) for k, v in parts.items()}, digests)
 
     def load_references(self) -> Optional[ArrayBank]:
-        """The bank saved with the export, if any."""
+        """The bank saved with the export, if any: plain float arrays of the export's features, no pickles."""
         info = self.meta.get("references")
         if not info:
             return None
-        with np.load(self.path / "references.npz", allow_pickle=False) as npz:
-            feats = {k: npz[f"f_{k[0]}_{k[1]}"].astype(np.float32) for k in self.keys}
-        return ArrayBank(feats, info.get("digests") or [""] * int(info.get("shots", 0)), info.get("fingerprint"))
+        file = self.path / "references.npz"
+        shots, tokens = int(info["shots"]), int(self.meta["grid"]) ** 2
+        feats: Dict[Tuple[int, int], np.ndarray] = {}
+        try:
+            with np.load(file, allow_pickle=False) as npz:
+                for k in self.keys:
+                    arr = npz[f"f_{k[0]}_{k[1]}"]
+                    if arr.dtype.kind != "f" or arr.ndim != 2 or arr.shape[0] != shots * tokens or arr.shape[1] < 1:
+                        raise WeightsError(f"references.npz: f_{k[0]}_{k[1]} is {arr.dtype} {list(arr.shape)}, not "
+                                           f"float [{shots} x {tokens}, C]", self.path)
+                    feats[k] = arr.astype(np.float32)
+        except VisualADError:
+            raise
+        except (OSError, ValueError, KeyError, EOFError) as exc:  # random bytes, object arrays, missing arrays
+            raise WeightsError(f"references.npz cannot be read: {_first_line(exc)}", self.path) from None
+        if not all(np.isfinite(v).all() for v in feats.values()):
+            raise WeightsError("references.npz holds values that are not finite", self.path)
+        digests = info.get("digests") or [""] * shots
+        if len(digests) != shots:
+            raise WeightsError(f"{META_NAME}: references name {len(digests)} digests for {shots} shots", self.path)
+        return ArrayBank(feats, digests, info.get("fingerprint"))
 
 
 class OnnxDetector(Predictor):

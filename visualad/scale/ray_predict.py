@@ -84,7 +84,7 @@ def predict_with_ray(inputs: Sequence[Tuple[Path, Optional[Path]]], model: Optio
     import ray
 
     from ..detector import AnomalyDetector
-    from ..outputs import target_paths
+    from ..outputs import OutputFiles
 
     det = AnomalyDetector.from_pretrained(model, device="cpu")  # the driver's copy decides the mode
     if references:
@@ -100,10 +100,8 @@ def predict_with_ray(inputs: Sequence[Tuple[Path, Optional[Path]]], model: Optio
     # one CPU stays free for Ray Data's own tasks (an actor pool that takes every CPU can stall the pipeline)
     n_actors = actors or (int(ray.available_resources().get("GPU", 1)) if gpu else max(1, cpus - 1))
     empty = [""] * len(inputs)
-    targets = target_paths(inputs, maps, ".npy" if map_format == "npy" else ".png") if maps is not None else empty
-    masks = target_paths(inputs, maps, ".mask.png") if maps is not None else empty
-    if maps is not None:
-        maps.mkdir(parents=True, exist_ok=True)
+    files = OutputFiles.for_inputs(inputs, maps=maps, map_format=map_format)  # local predict's names and checks
+    targets, masks = files.maps or empty, files.masks or empty
     items = [{"index": i, "path": str(p), "map": str(t), "mask": str(m),
               "group": str(Path(p).parent) if group_by == "folder" else ""}
              for i, ((p, _), t, m) in enumerate(zip(inputs, targets, masks))]
