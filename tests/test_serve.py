@@ -121,12 +121,15 @@ def test_concurrent_clients_share_forwards_and_batch_mode_stays_in_one_request(d
 
 
 def test_references_and_calibration_from_normal_images(det):
-    normals = [_png(200 + i) for i in range(4)]
+    normals = [_png(200 + i) for i in range(5)]
     with running(create_app(det)) as url:
         code, body = post_files(url + "/references", [(f"n{i}.png", b) for i, b in enumerate(normals)])
-        assert code == 200 and body["references"] == 4
+        assert code == 200 and body["references"] == 5
+        code, body = post_files(url + "/calibrate?mode=references", [("n0.png", normals[0])])
+        assert code == 400 and "at least 5 normal images, got 1" in body["error"]  # one score is no threshold
         code, body = post_files(url + "/calibrate?mode=references", [(f"n{i}.png", b) for i, b in enumerate(normals)])
         assert code == 200 and body["mode"] == "references" and body["image_threshold"] is not None
+        assert "only 5 normal images" in body["warning"] and "17%" in body["warning"]
         code, body = post_files(url + "/predict", [("x.png", _png(300))])
         row = body["results"][0]
         assert row["mode"] == "references" and isinstance(row["label"], bool) and row["threshold"] is not None

@@ -204,13 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "forwards; SIGTERM finishes the requests in flight and exits 0.")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name to serve besides IP addresses and localhost, e.g. a proxy's (repeatable; "
+                        "default: none, so that a rebound DNS name cannot reach the server)")
     p.add_argument("--max-batch-size", type=_positive_int, default=8, help="images per forward (default: 8)")
     p.add_argument("--max-latency-ms", type=float, default=10.0,
                    help="how long a request may wait for others to share its forward (default: 10)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger requests get 413 (default: 20)")
     p.add_argument("--max-images", type=_positive_int, default=64,
                    help="images in one request; more get 413 (default: 64)")
+    p.add_argument("--max-decode-mp", type=float, default=64.0, metavar="MP",
+                   help="megapixels decoded at once across all requests; a request over it gets 413, others wait "
+                        "(default: 64)")
     p.add_argument("--token", default=os.environ.get("VISUALAD_TOKEN"),
                    help="require 'Authorization: Bearer TOKEN' (default: $VISUALAD_TOKEN; none)")
     p.add_argument("--references", type=Path, default=None, help="normal images to start in references mode")
@@ -529,7 +535,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = Path(args.model).name if args.model else "visualad"
     app = create_app(det, model_name=name, token=args.token, max_batch_size=args.max_batch_size,
                      max_latency_ms=args.max_latency_ms, max_upload_mb=args.max_upload_mb,
-                     max_images=args.max_images)
+                     max_images=args.max_images, max_decode_mp=args.max_decode_mp,
+                     allowed_hosts=[args.host, *args.allow_host])
     print(f"visualad serve: http://{args.host}:{args.port}/ serving {name!r}; Ctrl-C or SIGTERM stops",
           file=sys.stderr)
     # uvicorn shuts down gracefully on SIGTERM (requests in flight finish), then raises the signal again for the
@@ -551,7 +558,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"predict": cmd_predict, "eval": cmd_eval, "finetune": cmd_finetune, "calibrate": cmd_calibrate,
-            "convert-official": cmd_convert, "export": cmd_export, "serve": cmd_serve, "download": cmd_download, "info": cmd_info}
+            "convert-official": cmd_convert, "export": cmd_export, "serve": cmd_serve, "download": cmd_download,
+            "info": cmd_info}
 
 
 class Terminated(BaseException):

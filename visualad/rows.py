@@ -120,7 +120,7 @@ class RowWriter:
             return
         earlier = _run_of(row)
         if earlier is None:
-            raise VisualADError(f"--resume: its rows do not record their settings (an older visualad); run again "
+            raise VisualADError("--resume: its rows do not record their settings (an older visualad); run again "
                                 "without --resume", path)
         diff = [f"{k} {earlier.get(k)!r} then, {self.run.get(k)!r} now" for k in sorted(set(earlier) | set(self.run))
                 if earlier.get(k) != self.run.get(k)]

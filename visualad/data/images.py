@@ -8,6 +8,7 @@ explicit and documented (``docs/input-handling.md``) instead of relying on Pillo
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -263,24 +264,39 @@ def _load_path(source: PathLike, name: Optional[str]) -> LoadedImage:
     if st.st_size == 0:
         raise InvalidImageError("empty file (0 bytes)", path=path)
 
-    with _pil_limit_disabled():
-        try:
-            image = Image.open(path)
-        except UnidentifiedImageError:
-            raise InvalidImageError(
-                "not an image, or a format/variant Pillow cannot read "
-                "(e.g. multi-channel float TIFF)", path=path
-            ) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageTooLargeError(f"image too large: {e}", path=path) from None
-        except PermissionError:
-            raise InvalidImageError("permission denied", path=path) from None
-        except _DECODE_ERRORS as e:
-            raise InvalidImageError(f"cannot read image header: {e}", path=path) from None
-        with image:
-            loaded = _from_pil(image, path=path, name=label)
+    image = _open(path, path, label)
+    with image:
+        loaded = _from_pil(image, path=path, name=label)
     logger.debug("loaded %s: %dx%d", path, loaded.width, loaded.height)
     return loaded
+
+
+def _open(fp: Any, path: Optional[str], name: str) -> Image.Image:
+    """Read the header only (Pillow's bomb limit replaced by ours) and check the size before any decode."""
+    with _pil_limit_disabled():
+        try:
+            image = Image.open(fp)
+        except UnidentifiedImageError:
+            raise _fail("not an image, or a format/variant Pillow cannot read (e.g. multi-channel float TIFF)",
+                        path, name) from None
+        except PermissionError:
+            raise _fail("permission denied", path, name) from None
+        except _DECODE_ERRORS as e:
+            raise _fail(f"cannot read image header: {e}", path, name) from None
+    try:
+        _check_size(image.size[0], image.size[1], path, name)
+    except InvalidImageError:
+        image.close()
+        raise
+    return image
+
+
+def open_encoded(data: bytes, name: str) -> Image.Image:
+    """An encoded image held in memory (an upload), its header read and its size checked, not yet decoded: the
+    caller learns what the decode will cost (``image.size``) before paying it. Decode with :func:`load_image`."""
+    if not data:
+        raise _fail("empty file (0 bytes)", None, name)
+    return _open(io.BytesIO(data), None, name)
 
 
 def _from_pil(image: Image.Image, path: Optional[str], name: str) -> LoadedImage:

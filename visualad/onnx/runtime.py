@@ -205,7 +205,8 @@ class OnnxBackend:
                               f"{self.meta['rs']}, not {missing}", self.path)
         self.forwards += 1
         tokens = int(self.meta["grid"]) ** 2
-        outs = dict(zip(self.keys, self._run("features", {"images": batch}, [(len(batch), tokens, -1)] * len(self.keys))))
+        shapes = [(len(batch), tokens, -1)] * len(self.keys)
+        outs = dict(zip(self.keys, self._run("features", {"images": batch}, shapes)))
         return {k: outs[k] for k in wanted}
 
     def references_grid(self, batch: np.ndarray, bank: ArrayBank, exclude: Optional[int]) -> np.ndarray:

@@ -8,8 +8,9 @@
 - ``GET /``: the inspection page (no CDN: its script is served from here).
 
 Images of concurrent requests share forwards (:mod:`visualad.serve.batcher`); batch mode only ever scores the
-images of one request against each other. With a token, every route but the health checks needs
-``Authorization: Bearer <token>``.
+images of one request against each other. With a token, every route but the page and the health checks needs
+``Authorization: Bearer <token>`` (the page asks for it). Hosts, origins and the answers' headers:
+:mod:`visualad.serve.guard`; bytes, images and pixels per request: :mod:`visualad.serve.limits`.
 """
 from __future__ import annotations
 
@@ -19,18 +20,21 @@ import io
 import logging
 import threading
 from importlib import resources
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ConfigError, VisualADError
+from ..data import images as imio
+from ..errors import ConfigError, ImageTooLargeError, VisualADError
 from ..predictor import Predictor
-from ..runtime.readahead import Loaded, load_one
-from . import oip
+from ..runtime.readahead import load_one
+from . import guard, oip
 from .batcher import Batcher
+from .errors import RequestError
+from .limits import PixelBudget, read_body, read_uploads
 
 #: the protocol's model versions: one model, one version
 VERSIONS = ["1"]
@@ -38,19 +42,21 @@ VERSIONS = ["1"]
 logger = logging.getLogger(__name__)
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
+#: /calibrate sets a threshold from the scores of this many normal images at least (one image's score is no
+#: threshold); below WARN_CALIBRATION_IMAGES the answer carries a warning the page shows
+MIN_CALIBRATION_IMAGES, WARN_CALIBRATION_IMAGES = 5, 20
 
 
 def create_app(detector: Predictor, model_name: str = "visualad", token: Optional[str] = None, max_batch_size: int = 8,
-               max_latency_ms: float = 10.0, max_upload_mb: float = 20.0, max_images: int = 64) -> Any:
+               max_latency_ms: float = 10.0, max_upload_mb: float = 20.0, max_images: int = 64,
+               max_decode_mp: float = 64.0, allowed_hosts: Sequence[str] = ()) -> Any:
     """The FastAPI app of ``detector`` (an :class:`~visualad.AnomalyDetector` or an
-    :class:`~visualad.onnx.OnnxDetector`)."""
+    :class:`~visualad.onnx.OnnxDetector`). ``max_decode_mp``: megapixels decoded or held at once across all
+    requests; ``allowed_hosts``: host names served besides IP addresses and localhost (a proxy's)."""
     limit = int(max_upload_mb * 2**20)
     backend = detector.backend
     batcher = Batcher(backend, max_batch_size, max_latency_ms)
+    budget = PixelBudget(int(max_decode_mp * 1e6))
     settings_lock = threading.Lock()  # references and thresholds change under it
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -61,72 +67,91 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
     app.state.batcher = batcher
 
     @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        if token is not None and not request.url.path.startswith("/v2/health"):
-            if request.headers.get("authorization") != f"Bearer {token}":
-                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+    async def guarded(request: Request, call_next: Any) -> Any:
+        response = await _admit(request)
+        if response is None:
+            response = await call_next(request)
+        response.headers.update(guard.SECURITY_HEADERS)
+        return response
+
+    async def _admit(request: Request) -> Optional[Response]:
+        """None when the request may go on; else the refusal."""
+        host = request.headers.get("host")
+        if not guard.host_allowed(host, allowed_hosts):
+            return _error(400, f"Host {host!r} is not this server's name; a proxy's name is admitted with "
+                               "--allow-host NAME")
+        authorised = token is not None and guard.token_ok(request.headers.get("authorization"), token)
+        if token is not None and not authorised and request.url.path not in guard.PUBLIC_PATHS:
+            return _error(401, "missing or wrong bearer token")
+        if (request.method not in guard.SAFE_METHODS and not authorised
+                and not guard.same_origin(request.headers, request.url.scheme)):
+            return _error(403, "a request from another origin cannot change or use this server without its token")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse({"error": f"upload of {int(length)} bytes is over the limit of {limit} bytes "
-                                          f"(--max-upload-mb {max_upload_mb:g})"}, status_code=413)
-        return await call_next(request)
+            return _error(413, f"upload of {int(length)} bytes is over the limit of {limit} bytes "
+                               f"(--max-upload-mb {max_upload_mb:g})")
+        return None
 
-    @app.exception_handler(_BadRequest)
-    async def bad_request(request: Request, exc: _BadRequest) -> Any:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, exc: RequestError) -> Any:
+        return _error(exc.status, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
         """Every error in the protocol's form, {"error": ...} (unknown routes and methods too)."""
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    async def read_files(request: Request) -> List[Tuple[str, bytes]]:
-        body = await request.body()
-        if len(body) > limit:
-            raise _BadRequest(413, f"upload of {len(body)} bytes is over the limit of {limit} bytes")
-        form = await request.form()
-        files = [(f.filename or f"file{i}", await f.read()) for i, f in enumerate(form.getlist("file"))]
-        if not files:
-            raise _BadRequest(400, "no 'file' parts in the request (multipart/form-data)")
-        if len(files) > max_images:
-            raise _BadRequest(413, f"{len(files)} images in one request is over the limit of {max_images}")
-        return files
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Any:
+        """A bug, not the client's fault: logged with its traceback, answered in one line."""
+        logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
-    def decode(files: List[Tuple[str, bytes]], keep_image: bool) -> List[Loaded]:
-        from PIL import Image
-
-        loaded = []
-        for i, (name, data) in enumerate(files):
+    def opened(files: List[Tuple[str, bytes]]) -> List[Tuple[str, Any]]:
+        """Each upload's header read and its size checked: no pixel is decoded yet."""
+        out = []
+        for name, data in files:
             try:
-                pil = Image.open(io.BytesIO(data))
-            except Exception:  # noqa: BLE001 - any decoder failure is the client's bad file
-                raise _BadRequest(422, f"{name}: not an image, or a format Pillow cannot read") from None
-            x = load_one(i, pil, backend.image_size, keep_image, label=name)
-            if not x.ok:
-                raise _BadRequest(422, f"{name}: {x.error.reason if hasattr(x.error, 'reason') else x.error}")
-            x.path = name
-            loaded.append(x)
-        return loaded
+                out.append((name, imio.open_encoded(data, name)))
+            except ImageTooLargeError as exc:
+                raise RequestError(413, str(exc)) from None
+            except VisualADError as exc:
+                raise RequestError(422, str(exc)) from None
+        return out
+
+    @contextlib.contextmanager
+    def decoded(files: List[Tuple[str, bytes]], keep_image: bool) -> Any:
+        """The uploads decoded and resized, their pixels held in the server's budget until the block ends."""
+        images = opened(files)
+        with budget.hold(sum(pil.size[0] * pil.size[1] for _, pil in images)):
+            loaded = []
+            for i, (name, pil) in enumerate(images):
+                x = load_one(i, pil, backend.image_size, keep_image, label=name)
+                if not x.ok:
+                    raise RequestError(422, f"{name}: {getattr(x.error, 'reason', x.error)}")
+                x.path = name
+                loaded.append(x)
+            yield loaded
 
     def score(files: List[Tuple[str, bytes]], mode: str, overlay: bool = False) -> List[Dict[str, Any]]:
-        loaded = decode(files, keep_image=overlay)
-        try:
-            with settings_lock:
-                scorer = detector.scoring_mode(mode, len(loaded))
-            maps, scores = batcher.score([x.square for x in loaded], scorer)
-        except ConfigError as exc:
-            raise _BadRequest(400, str(exc)) from None
-        out = []
-        scored = ((x, m, float(s)) for x, m, s in zip(loaded, maps, scores))
-        for x, res in zip(loaded, detector.results(scored, scorer)):
-            res.image_path = x.path
-            row = res.to_row()
-            if overlay and res.ok:
-                buf = io.BytesIO()
-                res.overlay().save(buf, format="PNG")
-                row["overlay_png"] = base64.b64encode(buf.getvalue()).decode()
-            out.append(row)
-        return out
+        with decoded(files, keep_image=overlay) as loaded:
+            try:
+                with settings_lock:
+                    scorer = detector.scoring_mode(mode, len(loaded))
+                maps, scores = batcher.score([x.square for x in loaded], scorer)
+            except ConfigError as exc:
+                raise RequestError(400, str(exc)) from None
+            out = []
+            scored = ((x, m, float(s)) for x, m, s in zip(loaded, maps, scores))
+            for x, res in zip(loaded, detector.results(scored, scorer)):
+                res.image_path = x.path
+                row = res.to_row()
+                if overlay and res.ok:
+                    buf = io.BytesIO()
+                    res.overlay().save(buf, format="PNG")
+                    row["overlay_png"] = base64.b64encode(buf.getvalue()).decode()
+                out.append(row)
+            return out
 
     def metadata() -> Dict[str, Any]:
         cfg = detector.config
@@ -138,15 +163,16 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
                 "pixel_threshold": cfg.pixel_threshold,
                 "calibrated_mode": (cfg.score_stats or {}).get("mode") if cfg.image_threshold is not None else None,
                 "max_batch_size": batcher.max_batch_size, "max_upload_mb": max_upload_mb,
+                "max_decode_mp": max_decode_mp, "min_calibration_images": MIN_CALIBRATION_IMAGES,
                 "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
                 "max_images": max_images,
                 "outputs": [{"name": name, "datatype": dtype, "shape": [-1]} for name, dtype in oip.OUTPUTS.items()]}
 
     def check_name(name: str, version: Optional[str] = None) -> None:
         if name != model_name:
-            raise _BadRequest(404, f"no model {name!r}; this server serves {model_name!r}")
+            raise RequestError(404, f"no model {name!r}; this server serves {model_name!r}")
         if version is not None and version not in VERSIONS:
-            raise _BadRequest(404, f"model {name!r} has no version {version!r}; it has {VERSIONS}")
+            raise RequestError(404, f"model {name!r} has no version {version!r}; it has {VERSIONS}")
 
     @app.get("/v2")
     def server_metadata() -> Dict[str, Any]:
@@ -176,31 +202,21 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
         check_name(name, version)
         return {"name": model_name, "ready": True}
 
-    async def bounded_body(request: Request) -> bytes:
-        """The body, refused with 413 as soon as it passes the limit while it streams."""
-        parts, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > limit:
-                raise _BadRequest(413, f"upload over the limit of {limit} bytes (--max-upload-mb {max_upload_mb:g})")
-            parts.append(chunk)
-        return b"".join(parts)
-
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: Optional[str] = None) -> Any:
         check_name(name, version)
-        try:
-            req = oip.parse_infer(await bounded_body(request), request.headers.get(oip.HEADER), max_images)
-        except oip.ProtocolError as exc:
-            raise _BadRequest(exc.status, exc.message) from None
+        req = oip.parse_infer(await read_body(request, limit), request.headers.get(oip.HEADER), max_images)
         mode, overlay = req.parameters.get("mode", "auto"), req.parameters.get("overlay")
         if not isinstance(mode, str) or overlay not in (None, "png"):
-            raise _BadRequest(400, "parameters.mode must be a mode name and parameters.overlay 'png' or absent")
+            raise RequestError(400, "parameters.mode must be a mode name and parameters.overlay 'png' or absent")
         files = [(f"image{i}", data) for i, data in enumerate(req.images)]
         rows = await run_in_threadpool(score, files, mode, overlay == "png")  # the loop keeps taking requests
         outputs: Dict[str, Any] = {"score": [r["score"] for r in rows]}
         calibrated = all(r["label"] is not None for r in rows)
+        if not calibrated and req.outputs is not None and "label" in req.outputs:
+            raise RequestError(400, f"no label: the model has no threshold for {rows[0]['mode']} mode; calibrate "
+                                    "it (POST /calibrate) or ask for the score only")
         if calibrated:
             outputs["label"] = [r["label"] for r in rows]
         if overlay == "png":
@@ -212,36 +228,45 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
     @app.post("/predict")
     async def predict(request: Request, mode: str = "auto", overlay: Optional[str] = None) -> Any:
         if overlay not in (None, "png"):
-            raise _BadRequest(400, "overlay must be 'png'")
-        files = await read_files(request)
+            raise RequestError(400, "overlay must be 'png'")
+        files = await read_uploads(request, limit, max_images)
         return {"results": await run_in_threadpool(score, files, mode, overlay == "png")}
 
     @app.post("/references")
     async def references(request: Request) -> Any:
-        loaded = decode(await read_files(request), keep_image=False)
+        files = await read_uploads(request, limit, max_images)
 
-        def build() -> None:
-            with settings_lock:
+        def build() -> int:
+            with decoded(files, keep_image=False) as loaded, settings_lock:
                 detector.set_references([x.square for x in loaded])
+                return detector.references.shots
 
-        await run_in_threadpool(build)
-        return {"references": detector.references.shots}
+        return {"references": await run_in_threadpool(build)}
 
     @app.post("/calibrate")
     async def calibrate(request: Request, mode: str = "auto") -> Any:
-        loaded = decode(await read_files(request), keep_image=False)
+        files = await read_uploads(request, limit, max_images)
+        if len(files) < MIN_CALIBRATION_IMAGES:
+            raise RequestError(400, f"calibration needs at least {MIN_CALIBRATION_IMAGES} normal images, got "
+                                    f"{len(files)}: the threshold of fewer is little more than one image's score")
 
-        def run() -> None:
-            with settings_lock:
+        def run() -> Dict[str, Any]:
+            with decoded(files, keep_image=False) as loaded, settings_lock:
                 detector.calibrate([x.square for x in loaded], mode=mode, progress=False)
+                cfg = detector.config
+                return {"image_threshold": cfg.image_threshold, "pixel_threshold": cfg.pixel_threshold,
+                        "mode": (cfg.score_stats or {}).get("mode"), "images": len(loaded)}
 
         try:
-            await run_in_threadpool(run)
+            answer = await run_in_threadpool(run)
         except VisualADError as exc:
-            raise _BadRequest(400, str(exc)) from None
-        return {"image_threshold": detector.config.image_threshold,
-                "pixel_threshold": detector.config.pixel_threshold,
-                "mode": (detector.config.score_stats or {}).get("mode"), "images": len(loaded)}
+            raise RequestError(400, str(exc)) from None
+        n = answer["images"]
+        if n < WARN_CALIBRATION_IMAGES:
+            answer["warning"] = (f"calibrated on only {n} normal images: on new normal parts up to about "
+                                 f"{100 / (n + 1):.0f}% may be flagged; {WARN_CALIBRATION_IMAGES} or more give a "
+                                 "steadier threshold")
+        return answer
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -251,7 +276,17 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
     def script() -> Response:
         return Response(_asset("page.js"), media_type="text/javascript")
 
+    @app.get("/page.css")
+    def style() -> Response:
+        return Response(_asset("page.css"), media_type="text/css")
+
     return app
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    """``{"error": message}``; a 413 also closes the connection, so that the rest of the body is never read."""
+    headers = {"connection": "close"} if status == 413 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _asset(name: str) -> str:

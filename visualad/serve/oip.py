@@ -14,23 +14,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import RequestError
+
 HEADER = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data"]
 OUTPUTS = {"score": "FP32", "label": "BOOL", "overlay": "BYTES"}
-
-
-class ProtocolError(Exception):
-    """A request the protocol does not allow: answered ``{"error": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 @dataclass
@@ -46,15 +41,15 @@ def _bytes_elements(raw: bytes, count: int) -> List[bytes]:
     out, at = [], 0
     while at < len(raw):
         if at + 4 > len(raw):
-            raise ProtocolError(400, "BYTES binary data ends inside an element's 4-byte length")
+            raise RequestError(400, "BYTES binary data ends inside an element's 4-byte length")
         (n,) = struct.unpack_from("<I", raw, at)
         at += 4
         if at + n > len(raw):
-            raise ProtocolError(400, "BYTES binary data ends inside an element")
+            raise RequestError(400, "BYTES binary data ends inside an element")
         out.append(raw[at:at + n])
         at += n
     if len(out) != count:
-        raise ProtocolError(400, f"the input's shape says {count} images, its binary data holds {len(out)}")
+        raise RequestError(400, f"the input's shape says {count} images, its binary data holds {len(out)}")
     return out
 
 
@@ -63,48 +58,54 @@ def parse_infer(body: bytes, header_length: Optional[str], max_images: int) -> I
     binary = b""
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
-            raise ProtocolError(400, f"Inference-Header-Content-Length {header_length!r} is not a length within "
+            raise RequestError(400, f"Inference-Header-Content-Length {header_length!r} is not a length within "
                                      "the body")
         body, binary = body[:int(header_length)], body[int(header_length):]
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(400, f"the request is not JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep, a number too long
+        raise RequestError(400, f"the request is not JSON that can be read ({str(exc)[:200]})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or len(payload["inputs"]) != 1:
-        raise ProtocolError(400, "expected {'inputs': [one BYTES tensor of encoded images]}")
+        raise RequestError(400, "expected {'inputs': [one BYTES tensor of encoded images]}")
     inp = payload["inputs"][0]
-    params = payload.get("parameters") or {}
+    params = {} if payload.get("parameters") is None else payload["parameters"]
     if not isinstance(inp, dict) or not isinstance(params, dict):
-        raise ProtocolError(400, "inputs[0] and parameters must be objects")
+        raise RequestError(400, "inputs[0] and parameters must be objects")
+    in_params = {} if inp.get("parameters") is None else inp["parameters"]
+    if not isinstance(in_params, dict):
+        raise RequestError(400, "inputs[0].parameters must be an object")
     if inp.get("datatype") != "BYTES":
-        raise ProtocolError(400, f"inputs[0].datatype must be BYTES (encoded images), got {inp.get('datatype')!r}")
+        raise RequestError(400, f"inputs[0].datatype must be BYTES (encoded images), got {inp.get('datatype')!r}")
     shape = inp.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or not shape:
-        raise ProtocolError(400, f"inputs[0].shape must be a list of sizes, got {shape!r}")
-    count = int(np.prod(shape))
+    if (not isinstance(shape, list) or not shape or len(shape) > 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise RequestError(400, f"inputs[0].shape must be [n] or [n, 1] image counts, got {shape!r}")
+    count = math.prod(shape)
     if count < 1:
-        raise ProtocolError(400, "no images in the request")
+        raise RequestError(400, "no images in the request")
     if count > max_images:
-        raise ProtocolError(413, f"{count} images in one request is over the limit of {max_images}")
-    size = (inp.get("parameters") or {}).get("binary_data_size")
+        raise RequestError(413, f"{count} images in one request is over the limit of {max_images} (--max-images)")
+    size = in_params.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or size != len(binary):
-            raise ProtocolError(400, f"binary_data_size {size!r} does not match the {len(binary)} bytes sent")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size != len(binary):
+            raise RequestError(400, f"binary_data_size {size!r} does not match the {len(binary)} bytes sent")
         images = _bytes_elements(binary, count)
     else:
         data = inp.get("data")
         if not isinstance(data, list) or len(data) != count or not all(isinstance(d, str) for d in data):
-            raise ProtocolError(400, f"inputs[0].data must hold {count} base64 strings (the shape's count)")
+            raise RequestError(400, f"inputs[0].data must hold {count} base64 strings (the shape's count)")
         try:
             images = [base64.b64decode(d, validate=True) for d in data]
         except (binascii.Error, ValueError):
-            raise ProtocolError(400, "inputs[0].data holds a string that is not base64") from None
+            raise RequestError(400, "inputs[0].data holds a string that is not base64") from None
     wanted = payload.get("outputs")
     names: Optional[List[str]] = None
     binary_out = {name: bool(params.get("binary_data_output", False)) for name in OUTPUTS}
     if wanted is not None:
-        if not isinstance(wanted, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in wanted):
-            raise ProtocolError(400, f"outputs must name some of {sorted(OUTPUTS)}")
+        if not isinstance(wanted, list) or not all(
+                isinstance(o, dict) and o.get("name") in OUTPUTS and isinstance(o.get("parameters") or {}, dict)
+                for o in wanted):
+            raise RequestError(400, f"outputs must be objects naming some of {sorted(OUTPUTS)}")
         names = [o["name"] for o in wanted]
         for o in wanted:
             binary_out[o["name"]] = bool((o.get("parameters") or {}).get("binary_data", binary_out[o["name"]]))
