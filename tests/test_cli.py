@@ -67,13 +67,32 @@ def test_predict_globs_and_files(tiny_model_dir, image_tree, tmp_path):
     assert [(r["height"], r["width"]) for r in rows] == [(768, 576), (256, 256)]
 
 
-def test_missing_input_is_an_error_row_not_a_traceback(tiny_model_dir, tmp_path, capsys):
+def test_missing_inputs_fail_fast_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import visualad
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(visualad.AnomalyDetector, "from_pretrained", no_model)
+    (tmp_path / "here.png").write_bytes(b"x")
+    for argv in (["predict", str(tmp_path / "here.png"), str(tmp_path / "nope.png"), str(tmp_path / "no*.jpg")],
+                 ["predict", str(tmp_path / "here.png"), "--references", str(tmp_path / "refs")],
+                 ["eval", str(tmp_path / "dataset")], ["calibrate", str(tmp_path / "good"), "--out", str(tmp_path)]):
+        assert main(argv + ["--model", "no-such-model"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no such file or folder" in err[0], err
+        assert str(tmp_path / "here.png") not in err[0] and ("nope.png" in err[0] or "refs" in err[0]
+                                                             or "dataset" in err[0] or "good" in err[0])
+
+
+def test_an_unreadable_input_is_an_error_row_not_a_traceback(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "m.jsonl"
-    code = main(["predict", "--mode", "head", str(tmp_path / "nope.png"), "--model", str(tiny_model_dir), "--device", "cpu",
-                 "--out", str(out), "-q"])
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    code = main(["predict", "--mode", "head", str(tmp_path / "broken.png"), "--model", str(tiny_model_dir),
+                 "--device", "cpu", "--out", str(out), "-q"])
     assert code == 2
     [row] = _rows(out)
-    assert "nope.png" in row["error"]
+    assert "broken.png" in row["error"]
 
 
 def test_calibrate_then_predict_gives_labels(tiny_model_dir, shared_data, tmp_path, capsys):
@@ -108,7 +127,8 @@ def test_eval_writes_a_report_with_both_classes(tiny_model_dir, shared_data, tmp
 
 
 def test_bad_model_is_a_one_line_error(tmp_path, capsys):
-    code = main(["predict", "x.png", "--model", "no-such-model", "--device", "cpu"])
+    (tmp_path / "x.png").write_bytes(b"x")
+    code = main(["predict", str(tmp_path / "x.png"), "--model", "no-such-model", "--device", "cpu"])
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-such-model" in err[0] and "known models" in err[0] and "dinov2-s-imgfocus" in err[0]

@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("info", help="versions, device, cache paths and the known models")
+    p.add_argument("--probe", action="store_true", help="import torch to ask it for the device (slower)")
     _common(p)
     return parser
 
@@ -488,27 +489,33 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """Versions from the installed distributions' metadata, not by importing them (torch alone takes seconds);
+    ``--probe`` imports torch to ask it for the device."""
     import platform
-
-    import torch
+    from importlib import metadata
 
     from .paths import cache_dir
     from .weights.manifest import load_manifest
 
-    lines = [f"visualad {__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
-    for mod in ("timm", "open_clip", "huggingface_hub", "safetensors", "numpy", "PIL", "cv2"):
+    lines = [f"visualad {__version__}", f"python {platform.python_version()}"]
+    for dist in ("torch", "timm", "open_clip_torch", "huggingface_hub", "safetensors", "numpy", "pillow",
+                 "opencv-python-headless", "onnxruntime", "openvino"):
         try:
-            lines.append(f"{mod} {__import__(mod).__version__}")
-        except Exception:  # noqa: BLE001 - report, never fail
-            lines.append(f"{mod} not installed")
-    cuda = torch.cuda.is_available()
-    lines.append(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}")
-    try:
-        from huggingface_hub import constants
+            lines.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{dist} not installed")
+    if args.probe:
+        import torch
 
-        lines.append(f"hub cache: {constants.HF_HUB_CACHE}")
-    except Exception:  # noqa: BLE001
-        pass
+        cuda = torch.cuda.is_available()
+        lines.append(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}")
+    else:
+        gpus = len(list(Path("/proc/driver/nvidia/gpus").glob("*")))
+        found = f"{gpus} NVIDIA GPU(s) with a driver" if gpus else "cpu (no NVIDIA driver found)"
+        lines.append(f"device: {found}; --probe asks torch")
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+    lines.append(f"hub cache: {hub}")
     lines.append(f"visualad cache: {cache_dir()}")
     manifest = load_manifest()
     lines.append("models:")
@@ -557,6 +564,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: each command's input paths, checked before any model is loaded
+INPUT_PATHS = {"predict": ("paths", "references"), "eval": ("root",), "finetune": ("root",),
+               "calibrate": ("normal_dir", "anomalous", "references"), "convert-official": ("checkpoint",
+               "backbone_weights"), "export": ("references",), "serve": ("references",)}
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Fail fast: an input path that does not exist (a glob that matches nothing) is an error before the model
+    loads, all such paths named in one line."""
+    given: List[str] = []
+    for name in INPUT_PATHS.get(args.command, ()):
+        value = getattr(args, name, None)
+        given += [] if value is None else [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    missing = [p for p in given if not os.path.exists(p) and not glob.glob(p, recursive=True)]
+    if missing:
+        raise VisualADError("no such file or folder: " + ", ".join(missing))
+
+
 COMMANDS = {"predict": cmd_predict, "eval": cmd_eval, "finetune": cmd_finetune, "calibrate": cmd_calibrate,
             "convert-official": cmd_convert, "export": cmd_export, "serve": cmd_serve, "download": cmd_download,
             "info": cmd_info}
@@ -581,6 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        check_inputs(args)
         return COMMANDS[args.command](args)
     except VisualADError as exc:
         print(f"visualad {args.command}: error: {exc}", file=sys.stderr)
