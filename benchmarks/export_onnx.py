@@ -1,5 +1,6 @@
-"""ONNX export: parity with torch on real images at original size, speed of onnxruntime on the CPU against
-torch eager (fp32 and the default dtype), and the exported file sizes, from one run.
+"""ONNX export: parity with torch on real images at original size, speed of onnxruntime and OpenVINO (when
+installed) on the CPU against torch eager (fp32 and the default dtype), and the exported file sizes, from one
+run.
 
     python benchmarks/export_onnx.py [--large] [--batch 8] [--reps 3]
 
@@ -56,17 +57,31 @@ def run(name: str, det_fp32: AnomalyDetector, det_default: AnomalyDetector, imag
         export_s = time.perf_counter() - t
         sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MB" for p in sorted(out.glob("*.onnx")))
         onnx = OnnxDetector(out)
+        try:
+            vino = OnnxDetector(out, runtime="openvino")
+        except ImportError:
+            vino = None
+            print("openvino is not installed: no OpenVINO row")
         for b in sorted({1, batch}):
-            print(f"{name}, batch {b}: parity fp32 {_parity(det_fp32.predict(images, mode='head', batch_size=b), onnx.predict(images, mode='head', batch_size=b))}")  # noqa: E501
+            ref = det_fp32.predict(images, mode="head", batch_size=b)
+            ort = onnx.predict(images, mode="head", batch_size=b)
+            print(f"{name}, batch {b}: onnxruntime vs torch fp32: {_parity(ref, ort)}")
+            if vino is not None:
+                print(f"{name}, batch {b}: OpenVINO vs onnxruntime: "
+                      f"{_parity(ort, vino.predict(images, mode='head', batch_size=b))}")
         n = len(images)
         rows = [("torch eager fp32", _rate(lambda: det_fp32.predict(images, mode="head", batch_size=batch), n, reps)),
                 (f"torch eager {dtype_name(det_default.dtype)} (default)",
                  _rate(lambda: det_default.predict(images, mode="head", batch_size=batch), n, reps)),
                 ("onnxruntime fp32 (CPU)", _rate(lambda: onnx.predict(images, mode="head", batch_size=batch), n, reps))]
+        if vino is not None:
+            rows.append(("OpenVINO fp32 (CPU)", _rate(lambda: vino.predict(images, mode="head", batch_size=batch),
+                                                      n, reps)))
         print(f"{name}: export {export_s:.1f} s; {sizes}")
-        base = rows[0][1]
+        base, ort_rate = rows[0][1], rows[2][1]
+        print("| runtime | images/s | ms per image | x torch fp32 | x onnxruntime |\n|---|---|---|---|---|")
         for label, rate in rows:
-            print(f"  {label:<32} {rate:7.2f} images/s  ({rate / base:.2f}x torch fp32)")
+            print(f"| {label} | {rate:.2f} | {1000 / rate:.0f} | {rate / base:.2f}x | {rate / ort_rate:.2f}x |")
 
 
 def main() -> None:
@@ -75,8 +90,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
+    try:
+        vino = __import__("openvino").__version__
+    except ImportError:
+        vino = "not installed"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; onnxruntime "
-          f"{__import__('onnxruntime').__version__}")
+          f"{__import__('onnxruntime').__version__}; openvino {vino}")
     files = sorted(p for p in (REPO / "examples" / "images").iterdir() if p.suffix in (".png", ".jpg"))
     images = [np.asarray(Image.open(p).convert("RGB")) for p in files]
     images = (images * 2)[:8]

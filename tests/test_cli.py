@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -140,3 +141,52 @@ def test_console_entry_points():
     assert "--overlays" in help_text and "--threshold" in help_text
     info = subprocess.run([sys.executable, "-m", "visualad", "info"], capture_output=True, text=True, check=True)
     assert "dinov2-s-imgfocus (default)" in info.stdout and "clip-l -> clip-l-visa" in info.stdout
+
+
+def _reference_block():
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "user-guide.md").read_text()
+    block = guide.split("## Command line reference", 1)[1].split("```", 2)[1]
+    sections, current = {}, None
+    for line in block.splitlines():
+        if line.startswith("visualad "):
+            current = line.split()[1]
+            sections[current] = ""
+        if current:
+            sections[current] += line + "\n"
+    return sections
+
+
+def _subcommands():
+    from visualad.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices
+
+
+def test_the_user_guide_lists_every_subcommand_and_option():
+    sections = _reference_block()
+    missing = []
+    for name, p in _subcommands().items():
+        if name not in sections:
+            missing.append(f"visualad {name}")
+            continue
+        for action in p._actions:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            if longs and longs[0] != "--help" and not any(o in sections[name] for o in action.option_strings):
+                missing.append(f"visualad {name} {longs[0]}")
+    assert not missing, f"missing from the user guide's command line reference: {missing}"
+
+
+def test_every_help_shows_its_defaults():
+    import argparse
+
+    silent = []
+    for name, p in _subcommands().items():
+        for action in p._actions:
+            if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                    or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction))):
+                continue
+            if "default" not in (action.help or ""):
+                silent.append(f"{name} {action.option_strings[0]} (default {action.default!r})")
+    assert not silent, f"options whose --help does not say their default: {silent}"

@@ -114,7 +114,15 @@ def test_a_graph_that_is_a_symlink_out_of_the_directory_is_refused(export, tmp_p
     outside = tmp_path / "elsewhere.onnx"
     shutil.move(d / "head.onnx", outside)
     (d / "head.onnx").symlink_to(outside)
-    assert "head.onnx is missing from this export or is not a regular file" in _predict(d, export[1], capsys, "head")
+    assert "head.onnx is a symbolic link" in _predict(d, export[1], capsys, "head")
+
+
+def test_external_data_through_a_symlink_inside_the_directory_is_refused(export, tmp_path, capsys):
+    d = _copy(export, tmp_path)
+    (tmp_path / "secret.bin").write_bytes(b"secret-data-1234")
+    (d / "w.bin").symlink_to(tmp_path / "secret.bin")  # inside by name, outside in fact
+    (d / "head.onnx").write_bytes(_w_graph(_weight({"location": "w.bin", "offset": "0", "length": "16"})))
+    assert "w.bin is a symbolic link" in _predict(d, export[1], capsys, "head")
 
 
 def test_a_graph_with_outputs_of_the_wrong_shape_is_an_error_not_a_score(export, tmp_path, capsys):

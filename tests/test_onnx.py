@@ -120,3 +120,31 @@ def test_cli_exports_and_predicts_from_an_export(tiny_detector, tmp_path, capsys
                      "--out", str(out), "-q"]) == 0
     torch_row, onnx_row = (json.loads(p.read_text()) for p in (tmp_path / "t.jsonl", tmp_path / "o.jsonl"))
     assert abs(torch_row["score"] - onnx_row["score"]) < TOL and onnx_row["height"] == 40
+
+
+def test_openvino_runs_the_export_as_onnxruntime_does_in_every_mode(default_export, shared_data, tmp_path,
+                                                                    capsys):
+    """The OpenVINO backend is the same predictor over another engine: parity with onnxruntime within 1e-4 in
+    head, references and batch mode, and the CLI's --runtime openvino."""
+    _, out = default_export
+    ort_det, ov_det = OnnxDetector(out), OnnxDetector(out, runtime="openvino")
+    assert ov_det.backend.platform == "openvino" and ov_det.backend.device_name == "openvino:CPU"
+    images = [str(p) for p in EXAMPLES]
+    for batch_size in (1, 8):
+        _close(ort_det.predict(images, mode="head", batch_size=batch_size),
+               ov_det.predict(images, mode="head", batch_size=batch_size))
+    refs = sorted((shared_data / "mvtec_ad_reduced/hazelnut/train/good").iterdir())[:3]
+    for d in (ort_det, ov_det):
+        d.set_references(refs)
+    _close(ort_det.predict(images, mode="references"), ov_det.predict(images, mode="references"))
+    lot = images + [str(p) for p in refs]
+    _close(ort_det.predict(lot, mode="batch"), ov_det.predict(lot, mode="batch"))
+    rows = {}
+    for runtime in ("onnxruntime", "openvino"):
+        target = tmp_path / f"{runtime}.jsonl"
+        assert main(["predict", *images[:2], "--model", str(out), "--runtime", runtime, "--mode", "head",
+                     "--out", str(target), "-q"]) == 0
+        rows[runtime] = [json.loads(line)["score"] for line in target.read_text().splitlines()]
+    assert np.allclose(rows["onnxruntime"], rows["openvino"], atol=TOL)
+    with pytest.raises(ConfigError, match="runtime must be one of"):
+        OnnxDetector(out, runtime="tensorrt")

@@ -1,4 +1,4 @@
 """``python -m visualad`` is the ``visualad`` command."""
-from .cli import main
+from .cli import console
 
-raise SystemExit(main())
+console()

@@ -30,6 +30,12 @@ def _add_model_args(p: argparse.ArgumentParser, default: Optional[str] = None) -
 
 
 
+def _runtime_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                   help="what runs an ONNX export given as --model (openvino: the openvino extra; "
+                        "default: onnxruntime)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -63,7 +69,8 @@ def _picture_args(p: argparse.ArgumentParser, style: str = "overlay") -> None:
     p.add_argument("--overlay-style", default=style, choices=["overlay", "panel"],
                    help="overlay: the heat map over the image with a legend; panel: image | heat map with the "
                         f"predicted region | ground truth (eval) side by side (default: {style})")
-    p.add_argument("--cmap", default="jet", choices=["jet", "turbo", "inferno", "viridis", "magma", "hot"])
+    p.add_argument("--cmap", default="jet", choices=["jet", "turbo", "inferno", "viridis", "magma", "hot"],
+                   help="colour map of the heat map (default: jet)")
     p.add_argument("--alpha", type=_alpha, default=0.5, help="heat-map opacity in [0, 1] (default: 0.5)")
 
 
@@ -87,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "'error' and the run goes on; the exit code is 2 if any input failed.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     _add_model_args(p)
+    _runtime_arg(p)
     p.add_argument("--out", type=Path, default=None,
                    help="rows to this file: JSON lines, or CSV when it ends in .csv (default: JSON lines on "
                         "standard output)")
@@ -100,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the rows of an earlier, killed run with the same --out (inputs unchanged since) and "
                         "score only the rest")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="ray: score on a Ray cluster (the ray extra; a local Ray when --ray-address is not given)")
+                   help="ray: score on a Ray cluster (the ray extra; a local Ray when --ray-address is not given; "
+                        "default: local)")
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="the Ray cluster to use (ray://... or auto)")
     p.add_argument("--save-maps", type=Path, default=None, metavar="DIR",
                    help="keep each raw map at the image's size (and the predicted mask, <name>.mask.png, when a "
@@ -118,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", type=Path, metavar="DATASET_ROOT")
     _add_model_args(p)
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
-    p.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa", "meta", "folder"])
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa", "meta", "folder"],
+                   help="the dataset's layout (default: auto, found from its files)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--at-original-resolution", action="store_true",
                    help="score maps at each image's own size instead of the model's input size")
     p.add_argument("--aupro-variant", default="mvtec", choices=["mvtec", "zsad"],
@@ -143,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "AnomalyDetector.from_pretrained().finetune() starts)")
     p.add_argument("--fresh-head", action="store_true",
                    help="start from a fresh, untrained head on the model's backbone instead (seeded by --seed)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="training and prediction size in px (default: the base model's; 224 for "
                         "dinov2-s-imgfocus, whose cost grows with (size / 14)^2: 448 px is about 4x slower)")
@@ -151,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="the global batch (under torchrun it is split over the processes)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the tokens (others scale with it)")
-    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--seed", type=int, default=111, help="seed of the run (default: 111, the authors')")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--synthesize", choices=["auto", "always", "never"], default="auto",
-                   help="synthetic anomalies on normal images (auto: only when the set has no anomalies)")
+                   help="synthetic anomalies on normal images (default: auto, only when the set has no anomalies)")
     p.add_argument("--include-train-normals", action="store_true",
                    help="also train on the train split's normal images when the test split has anomalies (they are "
                         "used anyway when it has none or is missing)")
@@ -171,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--percentile", type=float, default=None, help="percentile of normal scores (default 99.5)")
     p.add_argument("--references", type=Path, default=None,
                    help="also store these normal reference images in the model (references mode)")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     _mode_args(p)
     _common(p)
 
@@ -180,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "visualad reads a pickle) and writes config.json + model.safetensors.")
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT.pth")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--backbone", default="clip-l")
+    p.add_argument("--backbone", default="clip-l", help="the checkpoint's backbone (default: clip-l)")
     p.add_argument("--backbone-weights", type=Path, default=None,
                    help="local safetensors of the backbone in its library's naming (makes the directory offline)")
     p.add_argument("--load-final-norm", action="store_true",
@@ -191,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Writes head.onnx, features.onnx, grid_to_map.onnx, the config (thresholds, "
                                    "mode, preprocessing) and the references; `visualad predict --model DIR` and "
                                    "visualad.onnx.OnnxDetector(DIR) run it.")
-    p.add_argument("--model", default=None, help="model alias, local directory or org/repo[@revision]")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--model", default=None, help="model alias, local directory or org/repo[@revision] (default: "
+                                                 "the offline default model)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--image-size", type=_positive_int, default=None, help="the graphs' input size (px)")
     p.add_argument("--references", type=Path, default=None, help="normal images to export as the references")
@@ -203,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "routes under /v2 and an inspection page at /. Concurrent requests share "
                                    "forwards; SIGTERM finishes the requests in flight and exits 0.")
     _add_model_args(p)
+    _runtime_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -259,9 +271,15 @@ def _load_detector(args: argparse.Namespace):
     if args.model is not None and command_uses_onnx(args):
         from .onnx.runtime import load
 
-        return load(args.model)  # an ONNX export: onnxruntime, no torch
-    from . import AnomalyDetector
-
+        return load(args.model, runtime=args.runtime)  # an ONNX export: onnxruntime or OpenVINO, no torch
+    if getattr(args, "runtime", "onnxruntime") != "onnxruntime":
+        raise VisualADError(f"--runtime {args.runtime} runs ONNX exports; --model {args.model} is not one "
+                            "(visualad export makes one)")
+    try:
+        from . import AnomalyDetector
+    except ImportError as exc:
+        raise VisualADError(f"this model runs on torch, which is not installed ({exc}): pip install visualad; "
+                            "the torch-free runtime runs ONNX exports (visualad export) only") from None
     return AnomalyDetector.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                            image_size=args.image_size)
 
@@ -550,6 +568,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # handler it found: a no-op one here, so that a clean stop exits 0
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info")
+    global _skip_teardown
+    _skip_teardown = True
     return EXIT_OK
 
 
@@ -593,6 +613,21 @@ class Terminated(BaseException):
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+def console() -> None:
+    """The ``visualad`` command: :func:`main`, then exit. A stopped server skips the interpreter's teardown
+    (about a second for torch's modules alone), so that SIGTERM ends it at once; nothing is left to finalise."""
+    code = main()
+    if _skip_teardown:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
+_skip_teardown = False  # set by a server that stopped cleanly
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -99,6 +99,9 @@ class OutputFiles:
         is one error, not one per row)."""
         overlay_targets = mask_targets = map_targets = None
         if overlays is not None:
+            from .viz import opencv
+
+            opencv()  # a runtime without OpenCV says so before any image is scored
             overlay_targets = target_paths(inputs, overlays, ".png")
         if maps is not None:  # maps and masks share the folder: their names are chosen together
             taken = set() if overlays is None or overlays.resolve() != maps.resolve() else {

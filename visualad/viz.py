@@ -13,9 +13,11 @@ hot; the legend says which scale a picture uses, and warns when colours are not 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, Union
 
 import numpy as np
+
+from .errors import VisualADError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,9 +32,19 @@ _TRUTH = (0, 255, 0)  # ground-truth contour
 _INK, _PAPER = (20, 20, 20), (245, 245, 245)
 
 
+def opencv() -> Any:
+    """OpenCV, which draws the pictures; the torch-free runtime may lack it: a typed error that says how to add it."""
+    try:
+        import cv2
+    except ImportError:
+        raise VisualADError("pictures (overlays, panels) need OpenCV: pip install opencv-python-headless (or "
+                            "'visualad-runtime[overlays]')") from None
+    return cv2
+
+
 def colorize(amap: np.ndarray, vmin: float, vmax: float, cmap: str = "jet") -> np.ndarray:
     """A float map -> RGB uint8 through an OpenCV colour map, values clipped to [vmin, vmax]."""
-    import cv2
+    cv2 = opencv()
 
     if cmap not in COLORMAPS:
         raise ValueError(f"unknown cmap {cmap!r}; choose one of {sorted(COLORMAPS)}")
@@ -72,7 +84,7 @@ def _blend(result: "AnomalyResult", vmin: float, vmax: float, cmap: str, alpha: 
 
 
 def _contour(img: np.ndarray, mask: Optional[np.ndarray], color: Tuple[int, int, int]) -> np.ndarray:
-    import cv2
+    cv2 = opencv()
 
     if mask is not None and mask.any():
         if mask.shape != img.shape[:2]:
@@ -99,7 +111,7 @@ def _facts(result: "AnomalyResult", vmin: float, vmax: float, scale_name: str) -
 def _legend(width: int, facts: List[str], vmin: float, vmax: float, cmap: str,
             marks: Tuple[Tuple[str, Tuple[int, int, int]], ...] = ()) -> np.ndarray:
     """A strip of ``width`` px: the colour bar with its range, then the facts, then what the contours mean."""
-    import cv2
+    cv2 = opencv()
 
     font = cv2.FONT_HERSHEY_SIMPLEX
     fs = max(0.35, min(0.9, width / 1400))
@@ -162,7 +174,7 @@ def panel(result: "AnomalyResult", mask: Optional[np.ndarray] = None, alpha: flo
           scale: Scale = "auto", tile: int = 384) -> "Image.Image":
     """Side by side at ``tile`` px high: the image | the heat map with the predicted-region contour | (with a
     ground-truth ``mask``) the image with the true defect outlined; the legend below."""
-    import cv2
+    cv2 = opencv()
     from PIL import Image
 
     _check(result, alpha)

@@ -4,7 +4,8 @@
 graphs compute the maps (head) or the unit patch features (references, batch, stream) and the map's
 upsampling and blur; the nearest-neighbour search runs in NumPy (:mod:`visualad.onnx.knn`) in the partner order
 the torch core uses; maps go back to each image's size with a NumPy bilinear resize that matches OpenCV's.
-:class:`OnnxDetector` is the shared :class:`~visualad.predictor.Predictor` over it.
+:class:`OpenVinoBackend` runs the same graphs with OpenVINO (the ``openvino`` extra): everything but the graphs'
+engine is shared. :class:`OnnxDetector` is the shared :class:`~visualad.predictor.Predictor` over either.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import contextlib
 import hashlib
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -106,8 +108,18 @@ def _outside_neighbourhood(q: np.ndarray, bank: np.ndarray) -> np.ndarray:
     return knn.to_distance(sim.max(axis=1))
 
 
+@dataclass
+class Graph:
+    """One loaded graph, whatever runs it: its input and output names, and ``run(feed) -> outputs``."""
+
+    inputs: List[str]
+    outputs: List[str]
+    run: Callable[[Dict[str, np.ndarray]], List[np.ndarray]]
+
+
 class OnnxBackend:
-    """An export directory's graphs on onnxruntime: the backend contract of :mod:`visualad.runtime.pipeline`."""
+    """An export directory's graphs on onnxruntime: the backend contract of :mod:`visualad.runtime.pipeline`.
+    Subclasses change only :meth:`_compile` (the engine that runs a graph file)."""
 
     knn = knn
     dtype_name = "fp32"
@@ -115,9 +127,10 @@ class OnnxBackend:
     resize_map = staticmethod(resize_bilinear)
 
     def __init__(self, path: PathLike, providers: Optional[List[str]] = None) -> None:
-        import onnxruntime as ort
-
         self.path = Path(path)
+        links = sorted(p.name for p in self.path.iterdir() if p.is_symlink()) if self.path.is_dir() else []
+        if links:
+            raise WeightsError(f"{links[0]} is a symbolic link: an export holds regular files only", self.path)
         self.meta = read_meta(self.path)
         self.config = VisualADConfig.from_dict(self.meta["config"], self.path)
         self.image_size = int(self.meta["image_size"])
@@ -133,14 +146,22 @@ class OnnxBackend:
         self._std = np.asarray(self.meta["pixel_std"], np.float32).reshape(1, 3, 1, 1)
         self._providers = providers or ["CPUExecutionProvider"]
         self.device_name = ",".join(self._providers)
-        self._ort = ort
-        self._sessions: Dict[str, Any] = {}
+        self._graphs: Dict[str, Graph] = {}
         self.forwards = 0
 
-    def _session(self, name: str) -> Any:
-        """The graph ``name`` on onnxruntime, from a regular file inside the export and no bigger than ONNX allows;
-        whatever onnxruntime refuses (random bytes, unknown ops, external data) is one typed error."""
-        if name not in self._sessions:
+    def _compile(self, file: Path) -> Graph:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # its refusals come back as our error, not as log lines
+        session = ort.InferenceSession(str(file), options, providers=self._providers)
+        return Graph([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()],
+                     lambda feed: session.run(None, feed))
+
+    def _graph(self, name: str) -> Graph:
+        """The graph ``name``, from a regular file inside the export and no bigger than ONNX allows; whatever the
+        engine refuses (random bytes, unknown ops, external data) is one typed error."""
+        if name not in self._graphs:
             file = self.path / f"{name}.onnx"
             inside = self.path.resolve()
             if file.is_symlink() or not file.is_file() or inside not in file.resolve().parents:
@@ -149,25 +170,25 @@ class OnnxBackend:
             if file.stat().st_size > MAX_GRAPH_BYTES:
                 raise WeightsError(f"{file.name} is {file.stat().st_size} bytes, over ONNX's limit of "
                                    f"{MAX_GRAPH_BYTES}", self.path)
-            options = self._ort.SessionOptions()
-            options.log_severity_level = 3  # its refusals come back as our error, not as log lines
             try:
-                session = self._ort.InferenceSession(str(file), options, providers=self._providers)
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for every bad graph
-                raise WeightsError(f"{file.name}: onnxruntime cannot load it: {_first_line(exc)}", self.path) from None
-            inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+                graph = self._compile(file)
+            except ImportError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - each engine raises its own types for every bad graph
+                raise WeightsError(f"{file.name}: {self.platform} cannot load it: {_first_line(exc)}",
+                                   self.path) from None
             want_in, want_out = GRAPH_SIGNATURES.get(name, (None, None))
             want_out = self.meta.get("features") if name == "features" else want_out
-            if inputs != want_in or (want_out is not None and outputs != list(want_out)):
-                raise WeightsError(f"{file.name} takes {inputs} and gives {outputs}; this export's graph takes "
-                                   f"{want_in} and gives {want_out}", self.path)
-            self._sessions[name] = session
-        return self._sessions[name]
+            if graph.inputs != want_in or (want_out is not None and graph.outputs != list(want_out)):
+                raise WeightsError(f"{file.name} takes {graph.inputs} and gives {graph.outputs}; this export's graph "
+                                   f"takes {want_in} and gives {want_out}", self.path)
+            self._graphs[name] = graph
+        return self._graphs[name]
 
     def _run(self, name: str, feed: Dict[str, np.ndarray], shapes: Sequence[Tuple[int, ...]]) -> List[np.ndarray]:
         """Run a graph and check its outputs against the shapes the pipeline expects (-1: any size)."""
         try:
-            outs = self._session(name).run(None, feed)
+            outs = self._graph(name).run(feed)
         except VisualADError:
             raise
         except Exception as exc:  # noqa: BLE001 - a graph that fails on valid input is a broken export
@@ -260,13 +281,45 @@ class OnnxBackend:
         return ArrayBank(feats, digests, info.get("fingerprint"))
 
 
+class OpenVinoBackend(OnnxBackend):
+    """The export's graphs compiled by OpenVINO (``pip install openvino``) for ``device`` ("CPU", "GPU", "AUTO"):
+    what anomalib users deploy on. Everything else is :class:`OnnxBackend`'s."""
+
+    platform = "openvino"
+
+    def __init__(self, path: PathLike, device: str = "CPU") -> None:
+        super().__init__(path)
+        self.device_name = f"openvino:{device}"
+        self._device = device
+
+    def _compile(self, file: Path) -> Graph:
+        import openvino as ov
+
+        # f32: OpenVINO would run bf16 on CPUs that have it, and the thresholds were calibrated in fp32
+        compiled = ov.Core().compile_model(str(file), self._device, {"INFERENCE_PRECISION_HINT": "f32"})
+        ports = list(compiled.outputs)
+
+        def run(feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
+            out = compiled(feed)
+            return [np.asarray(out[p]) for p in ports]
+
+        return Graph([p.get_any_name() for p in compiled.inputs], [p.get_any_name() for p in ports], run)
+
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
 class OnnxDetector(Predictor):
     """A directory written by ``visualad export`` / ``det.export_onnx``: the same predictor surface as the
-    torch detector (predict, predict_folder, predict_iter, stream, set_references, calibrate)."""
+    torch detector (predict, predict_folder, predict_iter, stream, set_references, calibrate). ``runtime``:
+    onnxruntime (``providers``) or openvino (``device``, default "CPU")."""
 
-    def __init__(self, path: PathLike, providers: Optional[List[str]] = None) -> None:
+    def __init__(self, path: PathLike, providers: Optional[List[str]] = None, runtime: str = "onnxruntime",
+                 device: str = "CPU") -> None:
         super().__init__()
-        self.backend = OnnxBackend(path, providers)
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        self.backend = OnnxBackend(path, providers) if runtime == "onnxruntime" else OpenVinoBackend(path, device)
         self.path = self.backend.path
         self.image_size = self.backend.image_size
         self.references = self.backend.load_references()
@@ -277,10 +330,11 @@ class OnnxDetector(Predictor):
                 f"image_size={self.image_size}, references={shots})")
 
 
-def load(path: PathLike) -> OnnxDetector:
-    """An export directory as a detector (raises :class:`VisualADError` subclasses for anything else)."""
+def load(path: PathLike, runtime: str = "onnxruntime") -> OnnxDetector:
+    """An export directory as a detector (raises :class:`VisualADError` subclasses for anything else). Graphs load
+    when a mode first needs them: head mode never holds the features graph."""
     try:
-        return OnnxDetector(path)
+        return OnnxDetector(path, runtime=runtime)
     except ImportError as exc:
-        raise VisualADError(f"onnxruntime is needed to run an ONNX export: pip install onnxruntime ({exc})",
+        raise VisualADError(f"{runtime} is needed to run an ONNX export: pip install {runtime} ({exc})",
                             path) from None
