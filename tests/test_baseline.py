@@ -15,6 +15,9 @@ from record_baseline import VARIANTS, shared_test_images, summary
 
 BASELINE = json.loads((Path(__file__).parent / "data" / "default_model_baseline.json").read_text())
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
+#: every image in one variant; every n-th in the others (bf16 without native support is slow on many CPUs, and
+#: a change of the model moves every image): the suite stays within its time
+STRIDE = {"fp32_model_size": 1, "fp32_original_size": 4, "bf16_model_size": 8}
 
 
 @pytest.mark.parametrize("key", sorted(VARIANTS))
@@ -26,6 +29,7 @@ def test_default_model_matches_the_golden_outputs(shared_data, key):
     paths = shared_test_images(shared_data)
     expected = BASELINE[key]
     assert sorted(expected) == paths and len(paths) == BASELINE["images"] == 200
+    paths = paths[::STRIDE[key]]
     det = AnomalyDetector.from_pretrained(device="cpu", dtype=dtype)
     results = det.predict_iter([shared_data / p for p in paths], batch_size=BASELINE["batch_size"],
                                on_error="raise", at_model_size=at_model_size, mode="head")

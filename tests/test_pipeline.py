@@ -110,7 +110,7 @@ def test_the_service_serves_an_onnx_export_as_onnx_detector_answers(pair):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
         files.append(("file", (f"p{i}.png", buf.getvalue(), "image/png")))
-    with TestClient(create_app(onnx)) as client:
+    with TestClient(create_app(onnx), base_url="http://localhost") as client:  # a Host the server serves
         meta = client.get("/v2/models/visualad").json()
         got = client.post("/predict?mode=batch", files=files).json()["results"]
     assert meta["platform"] == "onnxruntime" and meta["dtype"] == "fp32"
@@ -237,7 +237,7 @@ from visualad.serve.app import create_app
 args = build_parser().parse_args(["serve", "--model", {str(export)!r}])
 files = [("file", (f"p{{i}}.png", open({str(tmp_path)!r} + f"/p{{i}}.png", "rb").read(), "image/png"))
          for i in range(8)]
-with TestClient(create_app(_load_detector(args))) as client:
+with TestClient(create_app(_load_detector(args)), base_url="http://localhost") as client:
     print(json.dumps(client.post("/predict", files=files).json()["results"]))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
