@@ -113,13 +113,16 @@ def test_eval_writes_a_panel_per_test_image(tiny_detector, shared_data, tmp_path
     assert w > 2 * h // 2  # side by side
 
 
-def test_predict_ends_with_a_one_line_summary(calibrated_dir, tmp_path, capsys):
+def test_predict_ends_with_a_summary_and_its_operating_point(calibrated_dir, tmp_path, capsys):
     d = _images(tmp_path)
     assert main(["predict", str(d), "--model", str(calibrated_dir), "--device", "cpu", "--mode", "head",
                  "--out", str(tmp_path / "r.jsonl")]) == 0
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("visualad predict: 2 inputs,") and "flagged" in last and "0 failed" in last
-    assert "images/s" in last
+    counts, point = capsys.readouterr().err.strip().splitlines()[-2:]
+    assert counts.startswith("visualad predict: 2 inputs,") and "flagged" in counts and "0 failed" in counts
+    assert "images/s" in counts
+    assert point.startswith("visualad predict: threshold at the 99.5th percentile of normal scores, calibrated on ")
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert all(r["operating_point"] == point[len("visualad predict: "):] for r in rows)
 
 
 def test_reprs_are_short(calibrated_dir):

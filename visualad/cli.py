@@ -179,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--anomalous", type=Path, default=None, help="folder of anomalous images (enables F1 mode)")
     p.add_argument("--percentile", type=float, default=None, help="percentile of normal scores (default 99.5)")
+    p.add_argument("--false-alarm-rate", type=float, default=None, metavar="R",
+                   help="the threshold that flags a fraction R of normal parts (e.g. 0.01), from out-of-sample normal "
+                        "scores; the run states the expected rate and a 95%% upper bound on it (default: none, the "
+                        "percentile)")
+    p.add_argument("--target-recall", type=float, default=None, metavar="R",
+                   help="with --anomalous: the highest threshold that flags a share R of them (default: none)")
+    p.add_argument("--operating-point", default=None, choices=["false_alarm", "percentile", "f1", "recall"],
+                   help="which threshold to keep when several are computed (default: false_alarm with "
+                        "--false-alarm-rate, recall with --target-recall, f1 with --anomalous, else percentile)")
     p.add_argument("--references", type=Path, default=None,
                    help="also store these normal reference images in the model (references mode)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
@@ -332,13 +341,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise
     if writer is not None:
         writer.commit()
-    scored, flagged, failed = counts
+    scored, flagged, failed, point = counts
     if not args.quiet:
         rate = scored / max(time.perf_counter() - start, 1e-9)
         kept = len(writer.kept) if writer is not None else 0
         print(f"visualad predict: {len(inputs)} inputs, {flagged} flagged, {failed} failed"
               + (f", {kept} kept from the earlier run" if kept else "") + f", {rate:.1f} images/s"
               + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+        print(f"visualad predict: {point}" if point else "visualad predict: no threshold, so no decisions: "
+              "calibrate on normal parts (visualad calibrate --false-alarm-rate R)", file=sys.stderr)
     if failed:
         if args.quiet:
             print(f"visualad predict: {failed} of {len(inputs)} inputs failed (see the 'error' fields)",
@@ -376,6 +387,7 @@ def _predict_rows_ray(args: argparse.Namespace, inputs: List[tuple], keys: List,
         raise VisualADError(f"--engine ray needs the ray extra: pip install 'visualad[ray]' ({exc})") from None
     refs = [str(f) for f, _ in expand_paths([str(args.references)])] if args.references else None
     flagged = failed = 0
+    point = None
     for key, row in zip(keys, predict_with_ray(inputs, args.model, mode=args.mode, address=args.ray_address,
                                                device=args.device if args.device != "auto" else "cpu",
                                                dtype=args.dtype, batch_size=args.batch_size,
@@ -384,7 +396,8 @@ def _predict_rows_ray(args: argparse.Namespace, inputs: List[tuple], keys: List,
         _emit(row, key, writer)
         failed += row.get("error") is not None
         flagged += bool(row.get("label"))
-    return len(inputs), flagged, failed
+        point = point or row.get("operating_point")
+    return len(inputs), flagged, failed, point
 
 
 def _emit(row: dict, key, writer) -> None:
@@ -399,10 +412,10 @@ def _emit(row: dict, key, writer) -> None:
 
 def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, writer, files) -> tuple:
     """Score the inputs not kept by ``--resume``; write a row each (and its files); return (scored, flagged,
-    failed)."""
+    failed, the operating point of the labels)."""
     todo = [i for i, k in enumerate(keys) if writer is None or not writer.done(k)]
     if not todo:
-        return 0, 0, 0
+        return 0, 0, 0, None
     det = _load_detector(args)
     _references(det, args.references)
     scorer = det.scoring_mode(args.mode, len(todo), compare_with=args.compare_with)
@@ -416,13 +429,15 @@ def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, wri
                                on_error="return", keep_image=files.needs_image, progress=not args.quiet,
                                mode=scorer, at_model_size=not full)
     flagged = failed = 0
+    point = None
     for i, res in zip(todo, results):
         if res.image_path is None:
             res.image_path = str(inputs[i][0])
         _emit(files.row(i, res), keys[i], writer)
         failed += not res.ok
         flagged += bool(res.pred_label)
-    return len(todo), flagged, failed
+        point = point or res.operating_point
+    return len(todo), flagged, failed, point
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -478,6 +493,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     anomalous = list(iter_image_files(args.anomalous)) if args.anomalous else None
     _references(det, args.references)
     kwargs = {} if args.percentile is None else {"percentile": args.percentile}
+    kwargs.update(false_alarm_rate=args.false_alarm_rate, target_recall=args.target_recall,
+                  operating_point=args.operating_point)
     scorer = det.scoring_mode(args.mode, len(normals), compare_with=args.compare_with)
     _announce_mode(args, det, scorer, len(normals))
     det.calibrate(normals, anomalous, batch_size=args.batch_size, progress=not args.quiet, mode=scorer, **kwargs)
@@ -485,6 +502,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = det.config
     print(f"image threshold {cfg.image_threshold:.6g}, pixel threshold {cfg.pixel_threshold:.6g}; "
           f"model written to {args.out}")
+    for name, point in cfg.score_stats["operating_points"].items():  # every candidate, the chosen one marked
+        chosen = "*" if name == cfg.score_stats["operating_point"]["name"] else " "
+        print(f" {chosen} {name}: {point['threshold']:.6g}  {point['description']}")
     return EXIT_OK
 
 

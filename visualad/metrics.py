@@ -392,3 +392,20 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, variant: str = "mvtec")
 def _check_limit(fpr_limit: float) -> None:
     if not (isinstance(fpr_limit, (int, float, np.floating)) and 0.0 < float(fpr_limit) <= 1.0):
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
+
+
+def recall_at_false_alarms(scores: Any, labels: Any, rate: float) -> float:
+    """Image-level recall at a false-alarm rate: the threshold flags at most ``floor(rate * n_normal)`` of the
+    normal images (a score must lie above the next normal score to be flagged: ties are not), and the recall
+    is the share of anomalous images it flags. NaN without normal or anomalous images."""
+    x = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"scores and labels must be 1-D of the same length, got {x.shape} and {y.shape}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must lie in [0, 1), got {rate!r}")
+    normal, anomalous = np.sort(x[~y])[::-1], x[y]
+    if normal.size == 0 or anomalous.size == 0:
+        return math.nan
+    allowed = int(math.floor(rate * normal.size + 1e-9))  # normal images that may be flagged
+    return float(np.mean(anomalous > normal[allowed])) if allowed < normal.size else 1.0

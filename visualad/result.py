@@ -9,7 +9,8 @@ import numpy as np
 
 
 #: the columns of a row (:meth:`AnomalyResult.to_row` plus what the output writers add), in order
-ROW_COLUMNS = ("path", "score", "label", "normalized_score", "threshold", "mode", "error", "height", "width",
+ROW_COLUMNS = ("path", "score", "label", "normalized_score", "threshold", "operating_point", "mode", "error", "height",
+               "width",
                "map_path", "mask_path", "map_range", "regions")
 
 
@@ -29,6 +30,7 @@ class AnomalyResult:
     pred_mask: Optional[np.ndarray] = None
     normalized_score: Optional[float] = None
     threshold: Optional[float] = None
+    operating_point: Optional[str] = None  # what the threshold means: "threshold for 1% false alarms, ..."
     error: Optional[str] = None
     mode: Optional[str] = None  # the way of scoring that produced it: "head", "references" or "batch"
     image_size: Optional[Tuple[int, int]] = None  # (height, width) of the input as displayed
@@ -86,6 +88,7 @@ class AnomalyResult:
             "label": None if self.pred_label is None else bool(self.pred_label),
             "normalized_score": self.normalized_score,
             "threshold": self.threshold,
+            "operating_point": self.operating_point,
             "mode": self.mode,
             "error": self.error,
         }

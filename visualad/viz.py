@@ -105,7 +105,7 @@ def _facts(result: "AnomalyResult", vmin: float, vmax: float, scale_name: str) -
     line2 = f"colours: {scale_name} scale [{vmin:.3g}, {vmax:.3g}]"
     if scale_name == "per image":
         line2 += " - not comparable between pictures (calibrate for a fixed scale)"
-    return [line1, line2]
+    return [line1] + ([result.operating_point] if result.operating_point else []) + [line2]
 
 
 def _legend(width: int, facts: List[str], vmin: float, vmax: float, cmap: str,

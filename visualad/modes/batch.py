@@ -62,7 +62,8 @@ class BatchMode(Scorer):
         return ops.unpermute(total / len(features), order)
 
     def why(self, n_images: int, head_trained: bool) -> str:
-        return f"{n_images} images scored against each other"
+        return (f"{n_images} images scored against each other; it assumes that defects are local and on a "
+                "minority of them")
 
     def describe(self) -> Dict[str, Any]:
         return {"mode": NAME, "compare_with": self.compare_with, "seed": self.seed}

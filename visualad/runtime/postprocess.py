@@ -50,6 +50,18 @@ def finish(scored: Iterable[Tuple[Loaded, Optional[np.ndarray], float]], scorer:
         yield res
 
 
+def operating_point(stats: Dict[str, Any]) -> str:
+    """What a calibrated threshold means, from its score statistics (configs before operating points: their
+    percentile)."""
+    point = stats.get("operating_point")
+    if isinstance(point, dict) and isinstance(point.get("description"), str):
+        return point["description"]
+    if stats.get("method") == "f1":
+        return f"F1-optimal threshold on {stats.get('n_normal', '?')} normal and {stats.get('n_anomalous', '?')} " \
+               "anomalous images"
+    return f"threshold at the {stats.get('percentile', '?')}th percentile of {stats.get('n_normal', '?')} normal scores"
+
+
 class Thresholds:
     """Applies the calibrated thresholds of a config to results, warning once per reason."""
 
@@ -99,6 +111,7 @@ class Thresholds:
                 res.map_range = (stats["map_min"], stats["map_max"])
         thr = threshold if threshold is not None else config.image_threshold
         res.threshold = float(thr)
+        res.operating_point = "threshold set by hand" if threshold is not None else operating_point(stats)
         res.pred_label = bool(res.pred_score >= thr)
         lo, hi = stats.get("min"), stats.get("max")
         span = (hi - lo) if lo is not None and hi is not None and hi > lo else 1.0

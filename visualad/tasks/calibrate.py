@@ -6,6 +6,12 @@
 - ``"f1"`` (normal and anomalous images): the image threshold maximising F1 on the given images, and the
   pixel threshold maximising pixel F1 when masks are given (else the normal-pixel percentile).
 
+The image threshold is an operating point (:mod:`visualad.operating`): ``false_alarm_rate=R`` picks the order
+statistic of the out-of-sample normal scores that flags a fraction R of normal parts, ``target_recall`` the
+highest threshold that flags that share of the anomalous examples; ``operating_point`` names the one to use
+("false_alarm", "percentile", "f1", "recall"). Every candidate the data allows is stored with what it means:
+the expected false-alarm rate, a distribution-free upper bound on it, and the recall on anomalous examples.
+
 A score is anomalous when it is ``>= threshold``. Thresholds hold for one mode: they record it (and, for
 references, the bank's fingerprint). In references mode a normal image that is itself a reference is scored
 against the other references only (leave-one-out): otherwise its nearest patch would be itself. In batch mode
@@ -22,6 +28,7 @@ import numpy as np
 from ..config import VisualADConfig
 from ..data.masks import read_mask, resize_mask
 from ..errors import ConfigError
+from ..operating import OperatingPoint, describe_threshold, false_alarm_threshold, kept_scores, recall_threshold
 from ..data.images import image_digest
 from ..progress import progress_bar
 from ..runtime import pipeline
@@ -64,10 +71,19 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
               anomalous_images: Optional[Sequence[Any]] = None, masks: Optional[Sequence[Any]] = None,
               method: str = "auto", percentile: float = DEFAULT_PERCENTILE,
               pixel_percentile: float = DEFAULT_PIXEL_PERCENTILE, batch_size: int = 8,
-              progress: bool = False) -> Dict[str, Any]:
+              progress: bool = False, false_alarm_rate: Optional[float] = None,
+              target_recall: Optional[float] = None, operating_point: Optional[str] = None) -> Dict[str, Any]:
     """Set ``config``'s thresholds and score statistics for ``mode``; returns them."""
     if method == "auto":
         method = "f1" if anomalous_images else "percentile"
+    if false_alarm_rate is not None and not 0.0 < false_alarm_rate < 1.0:
+        raise ConfigError(f"false_alarm_rate must lie in (0, 1), got {false_alarm_rate!r}")
+    if target_recall is not None and not (anomalous_images and 0.0 < target_recall <= 1.0):
+        raise ConfigError("target_recall needs anomalous images and must lie in (0, 1]")
+    if operating_point is None:
+        operating_point = "false_alarm" if false_alarm_rate is not None else "recall" if target_recall else method
+    if operating_point not in ("false_alarm", "percentile", "f1", "recall"):
+        raise ConfigError(f"operating_point must be false_alarm, percentile, f1 or recall, got {operating_point!r}")
     if method not in ("percentile", "f1"):
         raise ConfigError(f"method must be 'auto', 'percentile' or 'f1', got {method!r}")
     if not normal_images:
@@ -97,6 +113,7 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
         if masks is not None:
             normal_maps.append(flat)
     scores = np.asarray(normal_scores, dtype=np.float64)
+    normal_only = scores.copy()
     image_thr = float(np.percentile(scores, percentile))
     pixel_thr = _percentile_of_top(top, total, pixel_percentile)
     labels = np.zeros(len(scores), dtype=np.int8)
@@ -113,9 +130,18 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
                 gts.append(resize_mask(m, (size, size)).ravel())
         scores = np.concatenate([scores, anom_scores])
         labels = np.concatenate([labels, np.ones(len(anom_scores), dtype=np.int8)])
-        image_thr = f1_threshold(scores, labels)
         if masks is not None:
             pixel_thr = f1_threshold(np.concatenate(maps), np.concatenate(gts).astype(np.int8))
+    points = _operating_points(normal_only, scores[labels == 1], percentile, image_thr,
+                               f1_threshold(scores, labels) if labels.any() else None, false_alarm_rate,
+                               target_recall)
+    if operating_point not in points:
+        raise ConfigError(f"operating point {operating_point!r} needs "
+                          + ("false_alarm_rate" if operating_point == "false_alarm" else "anomalous images"))
+    chosen = points[operating_point]
+    image_thr = chosen.threshold
+    if chosen.warning:
+        logger.warning("%s", chosen.warning)
 
     mid = float(np.median(medians))
     describe = mode.describe()
@@ -128,6 +154,9 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
         "mode": describe["mode"],
         # overlay colour scale: the typical normal pixel at the bottom, the pixel threshold in the middle
         "map_min": mid, "map_max": pixel_thr + max(pixel_thr - mid, 1e-6),
+        "operating_point": chosen.to_dict(),
+        "operating_points": {name: p.to_dict() for name, p in points.items()},
+        "normal_scores": kept_scores(normal_only),  # the page's slider reads the rate of any position from them
     }
     if "fingerprint" in describe:
         stats["references_fingerprint"] = describe["fingerprint"]
@@ -135,6 +164,22 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
     logger.info("calibrated (%s, %s mode): image threshold %.6g, pixel threshold %.6g", method, stats["mode"],
                 image_thr, pixel_thr)
     return {"image_threshold": image_thr, "pixel_threshold": pixel_thr, **stats}
+
+
+def _operating_points(normal: np.ndarray, anomalous: np.ndarray, percentile: float, percentile_thr: float,
+                      f1_thr: Optional[float], false_alarm_rate: Optional[float],
+                      target_recall: Optional[float]) -> Dict[str, OperatingPoint]:
+    """Every operating point the data allows, each with what it means on these normal and anomalous scores."""
+    anom = anomalous if anomalous.size else None
+    points = {"percentile": describe_threshold("percentile", percentile_thr, normal, 1.0 - percentile / 100.0,
+                                               anom)}
+    if false_alarm_rate is not None:
+        points["false_alarm"] = false_alarm_threshold(normal, false_alarm_rate, anom)
+    if f1_thr is not None:
+        points["f1"] = describe_threshold("f1", f1_thr, normal, None, anom)
+    if target_recall is not None and anom is not None:
+        points["recall"] = recall_threshold(normal, anom, target_recall)
+    return points
 
 
 def _percentile_of_top(top: np.ndarray, total: int, q: float) -> float:

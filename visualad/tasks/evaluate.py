@@ -31,7 +31,11 @@ from .references import draw_references
 
 logger = logging.getLogger(__name__)
 
-METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+#: image-level recall at these false-alarm rates (the threshold from the category's normal test images)
+FALSE_ALARM_RATES = (0.01, 0.05)
+RECALL_KEYS = tuple(f"recall_at_{round(100 * r)}pct_fa" for r in FALSE_ALARM_RATES)
+METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
+               "pixel_aupro") + RECALL_KEYS
 
 
 def evaluate(engine: Engine, root: Union[str, "os.PathLike[str]"], out: Optional[Union[str, Path]] = None,
@@ -53,6 +57,7 @@ def evaluate(engine: Engine, root: Union[str, "os.PathLike[str]"], out: Optional
         train = load_dataset(root, format=format, split="train")
     t0 = time.perf_counter()
     classes: Dict[str, Dict[str, Any]] = {}
+    notes = list(dataset.notes)
     bar = progress_bar(len(dataset), progress, unit="img", desc="eval")
     config = engine.model.config
     for category, samples in dataset.by_category().items():
@@ -65,6 +70,11 @@ def evaluate(engine: Engine, root: Union[str, "os.PathLike[str]"], out: Optional
         classes[category]["mode"] = scorer.name
         if used is not None:
             classes[category]["shots"] = used
+        auroc = classes[category]["image_auroc"]
+        if scorer.kind == "set" and not math.isnan(auroc) and auroc < 0.5:
+            notes.append(f"{category}: image AUROC {auroc:.3f} in {scorer.name} mode is below chance: its defects "
+                         "are probably not local or not a minority of the set (a logical anomaly?); score it "
+                         "against a few normal images instead (--shots K, or --references)")
     bar.close()
     report: Dict[str, Any] = {
         "model": model_name or config.metadata.get("name") or config.backbone,
@@ -77,7 +87,8 @@ def evaluate(engine: Engine, root: Union[str, "os.PathLike[str]"], out: Optional
         "shots": shots,
         "classes": classes,
         "mean": {k: _nanmean([c[k] for c in classes.values()]) for k in METRIC_KEYS},
-        "notes": list(dataset.notes),
+        "false_alarm_rates": list(FALSE_ALARM_RATES),
+        "notes": notes,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if out is not None:
@@ -103,10 +114,10 @@ def _category_mode(engine: Engine, mode: str, samples: List[Sample], train: Any,
 
 def _evaluate_category(engine: Engine, scorer: Any, samples: List[Sample], batch_size: int, original: bool,
                        aupro_variant: str, bar: Any, pictures: Optional["_Pictures"] = None) -> Dict[str, Any]:
+    """The category's row, and a row per defect type (that defect's images against the normal ones)."""
     scores = np.empty(len(samples), dtype=np.float64)
-    labels = np.array([s.label for s in samples], dtype=np.int8)
-    pix_maps: List[np.ndarray] = []
-    pix_masks: List[np.ndarray] = []
+    pix_maps: Dict[int, np.ndarray] = {}  # sample index -> map, for the samples with a mask (or normal)
+    pix_masks: Dict[int, np.ndarray] = {}
     results = engine.run([s.image_path for s in samples], scorer, batch_size, on_error="raise",
                          keep_image=pictures is not None)
     for i, (sample, (x, amap, score)) in enumerate(zip(samples, results)):
@@ -119,16 +130,34 @@ def _evaluate_category(engine: Engine, scorer: Any, samples: List[Sample], batch
         if original:
             amap = imio.resize_map(amap, x.height, x.width)
         h, w = amap.shape
-        pix_maps.append(amap.astype(np.float32, copy=False))
-        pix_masks.append(load_mask(sample, size=(h, w), image_size=(x.height, x.width)))
-    row: Dict[str, Any] = {"n_images": len(samples), "n_anomalous": int(labels.sum())}
-    img = metrics.image_metrics(scores, labels)
+        pix_maps[i] = amap.astype(np.float32, copy=False)
+        pix_masks[i] = load_mask(sample, size=(h, w), image_size=(x.height, x.width))
+    everything = np.arange(len(samples))
+    row = _metrics(everything, samples, scores, pix_maps, pix_masks, aupro_variant)
+    good = np.array([s.defect == "good" or s.label == 0 for s in samples])
+    defects = sorted({s.defect for s, g in zip(samples, good) if not g})
+    row["defects"] = {d: _metrics(everything[good | np.array([s.defect == d for s in samples])], samples, scores,
+                                  pix_maps, pix_masks, aupro_variant) for d in defects}
+    return row
+
+
+def _metrics(idx: np.ndarray, samples: List[Sample], scores: np.ndarray, pix_maps: Dict[int, np.ndarray],
+             pix_masks: Dict[int, np.ndarray], aupro_variant: str) -> Dict[str, Any]:
+    """Image and pixel metrics of the samples ``idx``."""
+    labels = np.array([samples[i].label for i in idx], dtype=np.int8)
+    s = scores[idx]
+    row: Dict[str, Any] = {"n_images": int(len(idx)), "n_anomalous": int(labels.sum())}
+    img = metrics.image_metrics(s, labels)
     row.update({"image_auroc": img["auroc"], "image_ap": img["ap"], "image_f1_max": img["f1_max"]})
-    if pix_maps and len({m.shape for m in pix_maps}) == 1:
-        maps, masks = np.stack(pix_maps), np.stack(pix_masks)
+    row.update({key: metrics.recall_at_false_alarms(s, labels, rate)
+                for key, rate in zip(RECALL_KEYS, FALSE_ALARM_RATES)})
+    kept = [int(i) for i in idx if int(i) in pix_maps]
+    maps_l, masks_l = [pix_maps[i] for i in kept], [pix_masks[i] for i in kept]
+    if maps_l and len({m.shape for m in maps_l}) == 1:
+        maps, masks = np.stack(maps_l), np.stack(masks_l)
     else:
-        maps, masks = pix_maps, pix_masks
-    if pix_maps:
+        maps, masks = maps_l, masks_l
+    if maps_l:
         pix = metrics.pixel_metrics(maps, masks, with_aupro=aupro_variant == "mvtec")
         if aupro_variant != "mvtec":
             pix["aupro"] = metrics.aupro(maps, masks, variant=aupro_variant)
@@ -178,17 +207,24 @@ def _jsonable(obj: Any) -> Any:
 
 
 def format_table(report: Dict[str, Any]) -> str:
-    """The report as a fixed-width text table (percent, one decimal; '-' for undefined)."""
+    """The report as a fixed-width text table (percent, one decimal; '-' for undefined): a row per class with its
+    mode, an indented row per defect type, the mean, then the notes."""
     cols = [("image_auroc", "I-AUROC"), ("image_ap", "I-AP"), ("image_f1_max", "I-F1"),
             ("pixel_auroc", "P-AUROC"), ("pixel_ap", "P-AP"), ("pixel_f1_max", "P-F1"), ("pixel_aupro", "AUPRO")]
-    rows = [(name, c) for name, c in report["classes"].items()] + [("mean", report["mean"])]
+    cols += [(key, f"R@{round(100 * r)}%FA") for key, r in zip(RECALL_KEYS, FALSE_ALARM_RATES)]
+    rows: List[Tuple[str, str, Dict[str, Any]]] = []
+    for name, c in report["classes"].items():
+        rows.append((name, c.get("mode", ""), c))
+        rows += [(f"  {defect}", "", d) for defect, d in (c.get("defects") or {}).items()]
+    rows.append(("mean", "", report["mean"]))
     width = max(8, *(len(r[0]) for r in rows))
 
     def fmt(v: Any) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
-    lines = [f"{'class':<{width}} {'n':>5} " + " ".join(f"{h:>7}" for _, h in cols)]
-    for name, r in rows:
+    lines = [f"{'class':<{width}} {'mode':<10} {'n':>5} " + " ".join(f"{h:>8}" for _, h in cols)]
+    for name, mode, r in rows:
         n = str(r.get("n_images", "")) if name != "mean" else ""
-        lines.append(f"{name:<{width}} {n:>5} " + " ".join(f"{fmt(r.get(k)):>7}" for k, _ in cols))
+        lines.append(f"{name:<{width}} {mode:<10} {n:>5} " + " ".join(f"{fmt(r.get(k)):>8}" for k, _ in cols))
+    lines += [f"note: {n}" for n in report.get("notes") or []]
     return "\n".join(lines)

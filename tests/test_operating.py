@@ -1,0 +1,95 @@
+"""Operating points: the false-alarm threshold and its bound hold on score distributions with known rates
+(simulations), calibration scores are out of sample, and the chosen point is stated where users look."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from visualad.operating import beta_quantile, describe_threshold, false_alarm_threshold, recall_threshold
+
+DISTRIBUTIONS = {  # (draw n scores, the true rate of a threshold: P(score >= t))
+    "normal": (lambda rng, n: rng.standard_normal(n), lambda t: stats.norm.sf(t)),
+    "exponential": (lambda rng, n: rng.exponential(2.0, n), lambda t: math.exp(-max(t, 0.0) / 2.0)),
+    "uniform": (lambda rng, n: rng.uniform(-1, 3, n), lambda t: min(1.0, max(0.0, (3 - t) / 4))),
+}
+
+
+def test_beta_quantile_matches_scipy():
+    for a, b, q in ((1, 10, 0.95), (3, 48, 0.95), (12, 300, 0.95), (5, 5, 0.5), (1, 1, 0.9)):
+        assert abs(beta_quantile(a, b, q) - stats.beta.ppf(q, a, b)) < 1e-9
+
+
+@pytest.mark.parametrize("dist", sorted(DISTRIBUTIONS))
+@pytest.mark.parametrize("n,rate", [(50, 0.05), (200, 0.01), (30, 0.1)])
+def test_the_false_alarm_rate_and_its_bound_hold_whatever_the_distribution(dist, n, rate):
+    """2000 calibrations on fresh normal scores: the true rate of the threshold averages its expected rate
+    (<= the rate asked), and exceeds the 95% bound in about 5% of them (binomial error: 3 sigma)."""
+    draw, true_rate = DISTRIBUTIONS[dist]
+    rng = np.random.default_rng(hash((dist, n)) % 2**32)
+    trials = 2000
+    rates, over, expected = [], 0, None
+    for _ in range(trials):
+        point = false_alarm_threshold(draw(rng, n), rate)
+        r = true_rate(point.threshold)
+        rates.append(r)
+        over += r > point.rate_bound
+        expected = point.expected_rate
+    assert expected <= rate
+    sd = math.sqrt(rate * (1 - rate) / n / trials) * 3 + 1e-3
+    assert abs(np.mean(rates) - expected) < sd, (np.mean(rates), expected)
+    assert over / trials < 0.05 + 3 * math.sqrt(0.05 * 0.95 / trials)
+
+
+def test_too_few_normals_for_the_rate_is_said_and_the_threshold_stays_above_them():
+    scores = np.arange(10.0)
+    point = false_alarm_threshold(scores, 0.01)
+    assert point.threshold > scores.max() and point.calibration_rate == 0.0
+    assert "needs at least 99" in point.warning and abs(point.expected_rate - 1 / 11) < 1e-12
+    assert "9.1%" in point.describe()
+
+
+def test_a_threshold_between_scores_is_described_conservatively():
+    normal = np.arange(1.0, 11.0)  # 1..10
+    on = describe_threshold("f1", 9.0, normal)  # the 9th smallest: of 11, 2 rank at or above it
+    between = describe_threshold("f1", 8.5, normal)  # 8 lie below: at most 3 of 11
+    assert on.expected_rate == 2 / 11 and between.expected_rate == 3 / 11
+    assert abs(on.rate_bound - stats.beta.ppf(0.95, 2, 9)) < 1e-9  # Beta(n + 1 - k, k), k = 9
+    assert abs(between.rate_bound - stats.beta.ppf(0.95, 3, 8)) < 1e-9
+    high = recall_threshold(normal, [5.0, 12.0, 20.0, 30.0], 0.75)  # flag the 3 highest of 4
+    assert high.threshold == 12.0 and high.recall == 0.75 and high.expected_rate == 1 / 11
+
+
+def test_calibration_scores_are_out_of_sample_and_the_point_is_stated(tiny_detector, tmp_path, capsys):
+    """Calibrating references mode on the references themselves: each is scored against the others (its own
+    patches would give 0), equal to a bank built without it; the model keeps every candidate point."""
+    from visualad import AnomalyDetector
+    from visualad.cli import main
+
+    tiny_detector.to("cpu", "fp32")
+    rng = np.random.default_rng(3)
+    normals = [rng.integers(60, 200, (56, 56, 3), dtype=np.uint8) for _ in range(5)]
+    tiny_detector.set_references(normals)
+    got = tiny_detector.calibrate(normals, mode="references", false_alarm_rate=0.2)
+    held_out = []
+    for i in range(5):
+        other = AnomalyDetector(tiny_detector.model, device="cpu", dtype="fp32")
+        other.set_references([x for j, x in enumerate(normals) if j != i])
+        held_out.append(other.predict(normals[i], mode="references").pred_score)
+    assert min(held_out) > 0.05  # far from the 0 of an image against itself
+    np.testing.assert_allclose(got["normal_scores"], sorted(held_out), atol=1e-5)
+    assert got["operating_point"]["name"] == "false_alarm" and set(got["operating_points"]) == {"false_alarm",
+                                                                                               "percentile"}
+    model = tiny_detector.save_pretrained(tmp_path / "m")
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(normals[0]).save(img)
+    assert main(["predict", str(img), "--model", str(model), "--device", "cpu", "--dtype", "fp32",
+                 "--out", str(tmp_path / "r.jsonl")]) == 0
+    row = json.loads((tmp_path / "r.jsonl").read_text())
+    assert row["operating_point"].startswith("threshold for 20% false alarms, calibrated on 5 normals")
+    assert row["operating_point"] in capsys.readouterr().err
