@@ -210,3 +210,37 @@ def test_visualad_serve_answers_then_exits_0_on_sigterm(det, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert rc == 0 and "Traceback" not in err
+
+
+def test_the_page_says_what_the_threshold_and_each_slider_position_mean(det, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    import visualad
+
+    calibrated = visualad.AnomalyDetector(det.model, device="cpu", dtype="fp32")
+    normals = [np.asarray(Image.open(io.BytesIO(_png(400 + i)))) for i in range(9)]
+    got = calibrated.calibrate(normals, mode="head", false_alarm_rate=0.2)
+    scores = got["normal_scores"]
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    with running(create_app(calibrated, model_name="tiny")) as url:
+        browser = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")), options=options)
+        try:
+            browser.set_page_load_timeout(60)
+            browser.get(url + "/")
+            WebDriverWait(browser, 30).until(lambda b: "tiny:" in b.find_element(By.ID, "model").text)
+            point = browser.find_element(By.ID, "operating-point").text
+            assert point == "operating point: " + got["operating_point"]["description"]
+            # the calibrated threshold is the 8th of 9 scores: 2 of 10 at or above it
+            shown = browser.find_element(By.ID, "threshold-value").text
+            assert "flags about 20% of normal parts, from 9 calibration normals" in shown, shown
+            browser.execute_script("setThreshold(arguments[0])", scores[-1] + 1.0)  # above every normal
+            shown = browser.find_element(By.ID, "threshold-value").text
+            assert "flags about 10% of normal parts" in shown, shown
+        finally:
+            browser.quit()

@@ -49,8 +49,9 @@ def _positive_int(text: str) -> int:
 def _mode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="auto", choices=MODES,
                    help="way of scoring: head (the trained tokens), references (nearest patches of normal "
-                        "images), batch (the images given together scored against each other); auto (default): "
-                        "references when given, else batch for 16+ images, else head")
+                        "images), batch (the images given together scored against each other: it assumes that "
+                        "defects are local and on a minority of them); auto (default): references when given, "
+                        "else batch for 16+ images, else head")
     p.add_argument("--compare-with", type=_positive_int, default=64, metavar="N",
                    help="batch mode: each image is compared with at most N others (default: 64)")
 

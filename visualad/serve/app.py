@@ -68,29 +68,15 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
 
     @app.middleware("http")
     async def guarded(request: Request, call_next: Any) -> Any:
-        response = await _admit(request)
-        if response is None:
-            response = await call_next(request)
+        refusal = guard.refusal(request.headers, request.method, request.url.path, request.url.scheme, token,
+                                allowed_hosts)
+        length = request.headers.get("content-length")
+        if refusal is None and length is not None and length.isdigit() and int(length) > limit:
+            refusal = 413, (f"upload of {int(length)} bytes is over the limit of {limit} bytes "
+                            f"(--max-upload-mb {max_upload_mb:g})")
+        response = _error(*refusal) if refusal is not None else await call_next(request)
         response.headers.update(guard.SECURITY_HEADERS)
         return response
-
-    async def _admit(request: Request) -> Optional[Response]:
-        """None when the request may go on; else the refusal."""
-        host = request.headers.get("host")
-        if not guard.host_allowed(host, allowed_hosts):
-            return _error(400, f"Host {host!r} is not this server's name; a proxy's name is admitted with "
-                               "--allow-host NAME")
-        authorised = token is not None and guard.token_ok(request.headers.get("authorization"), token)
-        if token is not None and not authorised and request.url.path not in guard.PUBLIC_PATHS:
-            return _error(401, "missing or wrong bearer token")
-        if (request.method not in guard.SAFE_METHODS and not authorised
-                and not guard.same_origin(request.headers, request.url.scheme)):
-            return _error(403, "a request from another origin cannot change or use this server without its token")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return _error(413, f"upload of {int(length)} bytes is over the limit of {limit} bytes "
-                               f"(--max-upload-mb {max_upload_mb:g})")
-        return None
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError) -> Any:
@@ -162,6 +148,12 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
                 "dtype": backend.dtype_name, "image_threshold": cfg.image_threshold,
                 "pixel_threshold": cfg.pixel_threshold,
                 "calibrated_mode": (cfg.score_stats or {}).get("mode") if cfg.image_threshold is not None else None,
+                # what the threshold means, and the calibration's normal scores: the page's slider shows the
+                # false-alarm rate of any position from them
+                "operating_point": ((cfg.score_stats or {}).get("operating_point") or {}).get("description")
+                if cfg.image_threshold is not None else None,
+                "normal_scores": (cfg.score_stats or {}).get("normal_scores") if cfg.image_threshold is not None
+                else None,
                 "max_batch_size": batcher.max_batch_size, "max_upload_mb": max_upload_mb,
                 "max_decode_mp": max_decode_mp, "min_calibration_images": MIN_CALIBRATION_IMAGES,
                 "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],

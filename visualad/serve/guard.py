@@ -75,3 +75,17 @@ def same_origin(headers: Mapping[str, str], scheme: str) -> bool:
 
 def token_ok(authorization: Optional[str], token: str) -> bool:
     return hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
+
+
+def refusal(headers: Mapping[str, str], method: str, path: str, scheme: str, token: Optional[str],
+            allowed_hosts: Collection[str]) -> Optional[Tuple[int, str]]:
+    """(status, reason) when the request must be refused before it is read; None when it may go on."""
+    host = headers.get("host")
+    if not host_allowed(host, allowed_hosts):
+        return 400, f"Host {host!r} is not this server's name; a proxy's name is admitted with --allow-host NAME"
+    authorised = token is not None and token_ok(headers.get("authorization"), token)
+    if token is not None and not authorised and path not in PUBLIC_PATHS:
+        return 401, "missing or wrong bearer token"
+    if method not in SAFE_METHODS and not authorised and not same_origin(headers, scheme):
+        return 403, "a request from another origin cannot change or use this server without its token"
+    return None

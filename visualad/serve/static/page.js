@@ -6,6 +6,7 @@
 let last = [];          // the files of the last drop
 let results = [];       // their rows
 let threshold = null;   // the slider's value (null: none)
+let normalScores = null; // the calibration's out-of-sample normal scores: what each slider position means
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "visualad-token";
 
@@ -42,12 +43,25 @@ async function model() {
   $("model").textContent = `${m.name}: ${m.backbone}, ${m.image_size} px, ${m.device} ${m.dtype}, ` +
     `references ${m.references}, threshold ${m.image_threshold === null ? "none" : m.image_threshold.toFixed(4)}` +
     (m.calibrated_mode ? ` (${m.calibrated_mode} mode)` : "");
+  normalScores = m.normal_scores || null;
+  $("operating-point").textContent = m.operating_point ? "operating point: " + m.operating_point : "";
   if (m.image_threshold !== null) setThreshold(m.image_threshold);
+}
+
+// The false-alarm rate a threshold means: of the n calibration normals and a new one, how many score at or
+// above it (conservatively: a position between two scores counts the next one down), as a share of n + 1.
+function falseAlarms(value) {
+  if (!normalScores || !normalScores.length) return "";
+  const n = normalScores.length;
+  const above = normalScores.filter((s) => s >= value).length;
+  const onScore = normalScores.includes(value);
+  const rate = (onScore ? above : above + 1) / (n + 1);
+  return ` (flags about ${(100 * rate).toFixed(rate < 0.1 ? 1 : 0)}% of normal parts, from ${n} calibration normals)`;
 }
 
 function setThreshold(value) {
   threshold = value;
-  $("threshold-value").textContent = value === null ? "none" : value.toFixed(4);
+  $("threshold-value").textContent = value === null ? "none" : value.toFixed(4) + falseAlarms(value);
   render();
 }
 
