@@ -93,3 +93,29 @@ def test_calibration_scores_are_out_of_sample_and_the_point_is_stated(tiny_detec
     row = json.loads((tmp_path / "r.jsonl").read_text())
     assert row["operating_point"].startswith("threshold for 20% false alarms, calibrated on 5 normals")
     assert row["operating_point"] in capsys.readouterr().err
+
+
+def test_the_cli_reports_every_point_and_keeps_the_one_named(tiny_detector, tmp_path, capsys):
+    from PIL import Image
+
+    from visualad import AnomalyDetector
+    from visualad.cli import main
+
+    rng = np.random.default_rng(4)
+    for folder, n, lo, hi in (("good", 12, 90, 130), ("bad", 6, 0, 256)):
+        (tmp_path / folder).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(lo, hi, (56, 56, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+    model = tiny_detector.save_pretrained(tmp_path / "m")
+    assert main(["calibrate", str(tmp_path / "good"), "--model", str(model), "--out", str(tmp_path / "c"),
+                 "--device", "cpu", "--mode", "head", "--anomalous", str(tmp_path / "bad"), "--false-alarm-rate",
+                 "0.1", "--target-recall", "0.5", "--operating-point", "recall", "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    marked = {line.split(":")[0].strip(" *"): line.startswith(" *") for line in lines[1:]}
+    assert marked == {"percentile": False, "false_alarm": False, "f1": False, "recall": True}
+    assert all("recall" in line and "calibrated on 12 normals" in line for line in lines[1:])
+    stats = AnomalyDetector.from_pretrained(tmp_path / "c", device="cpu").config.score_stats
+    assert stats["operating_point"]["name"] == "recall" and stats["operating_point"]["recall"] >= 0.5
+    assert main(["calibrate", str(tmp_path / "good"), "--model", str(model), "--out", str(tmp_path / "d"),
+                 "--device", "cpu", "--operating-point", "recall"]) == 1  # needs anomalous images
+    assert "operating point 'recall' needs anomalous images" in capsys.readouterr().err
