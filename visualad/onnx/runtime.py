@@ -39,8 +39,10 @@ GRAPH_SIGNATURES = {"head": (["images"], ["maps", "scores"]), "features": (["ima
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    """An engine's message on one line: without the source locations OpenVINO puts first ("Exception from
+    src/...:132:"), at most 300 characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith("Exception from")]
+    return (" ".join(lines) or type(exc).__name__)[:300]
 
 
 def resize_bilinear(m: np.ndarray, height: int, width: int) -> np.ndarray:
