@@ -667,6 +667,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except VisualADError as exc:
         print(f"visualad {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:  # `visualad predict ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_OK
     except OSError as exc:  # an output path under a file, a read-only or full disk...
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"visualad {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
