@@ -83,22 +83,12 @@ class ReferenceBank:
         return out
 
     def grid(self, queries: Dict[Tuple[int, int], torch.Tensor], exclude: Optional[int] = None) -> torch.Tensor:
-        """Mean nearest distance over (block, r) on the patch grid [B, g, g]; ``exclude`` leaves reference
-        image ``exclude`` out (leave-one-out; with one reference, its own 3x3 neighbourhood is left out)."""
-        total = None
-        for key, q in queries.items():
-            b, n, c = q.shape
-            bank = self.features[key]
-            if exclude is None:
-                d = knn.nearest_distance(q.reshape(b * n, c), bank).view(b, n)
-            elif self.shots > 1:
-                keep = torch.cat([bank[:exclude * n], bank[(exclude + 1) * n:]])
-                d = knn.nearest_distance(q.reshape(b * n, c), keep).view(b, n)
-            else:
-                d = torch.stack([_outside_neighbourhood(q[i], bank) for i in range(b)])
-            total = d if total is None else total + d
+        """Mean nearest distance over (block, r) on the patch grid [B, g, g] (see :func:`references.bank_grid`)."""
+        from .references import bank_grid
+
+        total = bank_grid(knn, self.features, self.shots, queries, exclude)
         g = int(round(math.sqrt(total.shape[1])))
-        return (total / len(queries)).view(-1, g, g)
+        return total.view(-1, g, g)
 
     # --- persistence -------------------------------------------------------------------------------
     def save(self, path: PathLike) -> Path:
@@ -184,18 +174,6 @@ def _read_legacy(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor], path: P
                    "layers %s (the fusion with the head is gone); set the references again to use the new "
                    "features", path, sorted(b for b, _ in feats))
     return ReferenceBank(feats, image_size=size, patches=patches, layernorm=False, meta={"legacy_schema": 2})
-
-
-def _outside_neighbourhood(q: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """One reference (K = 1): each of its patches against the same image outside its 3x3 grid neighbourhood."""
-    n = q.shape[0]
-    g = int(round(math.sqrt(n)))
-    yy, xx = torch.meshgrid(torch.arange(g, device=q.device), torch.arange(g, device=q.device), indexing="ij")
-    yy, xx = yy.reshape(-1), xx.reshape(-1)
-    sim = q.float() @ bank.float().t()
-    near = ((yy[:, None] - yy[None]).abs() <= 1) & ((xx[:, None] - xx[None]).abs() <= 1)
-    sim.masked_fill_(near, -1.0)
-    return knn.to_distance(sim.amax(dim=1))
 
 
 def build_bank(block_features: Iterable[Tuple[str, List[torch.Tensor]]], blocks: Sequence[int],

@@ -103,6 +103,23 @@ def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: in
     return out
 
 
+def without_rows(bank: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The bank less rows [start, stop) (one reference image's patches)."""
+    return torch.cat([bank[:start], bank[stop:]])
+
+
+def nearest_outside_neighbourhood(q: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """One image's patches [P, C] against the same image's [P, C] outside each patch's 3x3 grid neighbourhood
+    -> [P] (leave-one-out with a single reference)."""
+    g = int(round(math.sqrt(q.shape[0])))
+    yy, xx = torch.meshgrid(torch.arange(g, device=q.device), torch.arange(g, device=q.device), indexing="ij")
+    yy, xx = yy.reshape(-1), xx.reshape(-1)
+    sim = q.float() @ bank.float().t()
+    near = ((yy[:, None] - yy[None]).abs() <= 1) & ((xx[:, None] - xx[None]).abs() <= 1)
+    sim.masked_fill_(near, -1.0)
+    return to_distance(sim.amax(dim=1))
+
+
 def stack(items: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack(items)
 

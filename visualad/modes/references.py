@@ -17,6 +17,29 @@ from .base import Scorer, register
 NAME = "references"
 
 
+def bank_grid(ops: Any, features: Dict[Tuple[int, int], Any], shots: int, queries: Dict[Tuple[int, int], Any],
+              exclude: Optional[int] = None) -> Any:
+    """The nearest-reference search of both backends, over their kNN primitives (``ops``: :mod:`modes.knn` or
+    :mod:`onnx.knn`): the mean nearest distance over (block, r), {key: [B, P, C]} -> [B, P]. ``exclude``
+    leaves reference image ``exclude`` out (leave-one-out); with one reference, its own 3x3 neighbourhood."""
+    total = None
+    for key, q in queries.items():
+        b, p, c = q.shape
+        bank = features[key]
+        if bank.shape[1] != c:
+            raise ConfigError(f"the references hold features of size {bank.shape[1]}, the model gives {c}: they "
+                              "come from another model; set the references again")
+        if exclude is None:
+            d = ops.nearest_distance(q.reshape(b * p, c), bank).reshape(b, p)
+        elif shots > 1:
+            d = ops.nearest_distance(q.reshape(b * p, c), ops.without_rows(bank, exclude * p, (exclude + 1) * p))
+            d = d.reshape(b, p)
+        else:
+            d = ops.stack([ops.nearest_outside_neighbourhood(q[i], bank) for i in range(b)])
+        total = d if total is None else total + d
+    return total / len(queries)
+
+
 @register
 class ReferencesMode(Scorer):
     """Scores a batch against a bank (``shots``, ``digests``, ``fingerprint``); ``exclude`` leaves one

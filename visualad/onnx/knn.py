@@ -64,6 +64,22 @@ def distances_to_images(query: np.ndarray, images: np.ndarray) -> np.ndarray:
     return to_distance(out)
 
 
+def without_rows(bank: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The bank less rows [start, stop) (one reference image's patches)."""
+    return np.concatenate([bank[:start], bank[stop:]])
+
+
+def nearest_outside_neighbourhood(q: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """One image's patches [P, C] against the same image's [P, C] outside each patch's 3x3 grid neighbourhood
+    -> [P] (leave-one-out with a single reference)."""
+    g = int(round(math.sqrt(q.shape[0])))
+    yy, xx = np.divmod(np.arange(g * g), g)
+    sim = q @ bank.T
+    near = (np.abs(yy[:, None] - yy[None]) <= 1) & (np.abs(xx[:, None] - xx[None]) <= 1)
+    sim[near] = -1.0
+    return to_distance(sim.max(axis=1))
+
+
 def stack(items: List[np.ndarray]) -> np.ndarray:
     return np.stack(items)
 

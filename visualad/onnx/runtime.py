@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -23,6 +22,7 @@ from ..config import VisualADConfig
 from ..data.images import image_digest
 from ..errors import ConfigError, VisualADError, WeightsError
 from ..modes import partners
+from ..modes.references import bank_grid
 from ..predictor import Predictor
 from ..runtime import pipeline
 from ..types import PathLike
@@ -80,34 +80,8 @@ class ArrayBank:
         self.fingerprint = fingerprint
 
     def grid(self, queries: Dict[Tuple[int, int], np.ndarray], exclude: Optional[int] = None) -> np.ndarray:
-        """Mean nearest distance over (block, r): {key: [B, P, C]} -> [B, P]; ``exclude`` leaves reference
-        image ``exclude`` out (with one reference, its own 3x3 neighbourhood)."""
-        total: Optional[np.ndarray] = None
-        for key, q in queries.items():
-            b, p, c = q.shape
-            bank = self.features[key]
-            if bank.shape[1] != c:
-                raise ConfigError(f"the references hold features of size {bank.shape[1]}, the graph gives {c}: "
-                                  "they come from another model; set the references again")
-            if exclude is None:
-                d = knn.nearest_distance(q.reshape(b * p, c), bank).reshape(b, p)
-            elif self.shots > 1:
-                keep = np.concatenate([bank[:exclude * p], bank[(exclude + 1) * p:]])
-                d = knn.nearest_distance(q.reshape(b * p, c), keep).reshape(b, p)
-            else:
-                d = np.stack([_outside_neighbourhood(q[i], bank) for i in range(b)])
-            total = d if total is None else total + d
-        return total / len(queries)
-
-
-def _outside_neighbourhood(q: np.ndarray, bank: np.ndarray) -> np.ndarray:
-    """One reference (K = 1): each of its patches against the same image outside its 3x3 grid neighbourhood."""
-    g = int(round(math.sqrt(q.shape[0])))
-    yy, xx = np.divmod(np.arange(g * g), g)
-    sim = q @ bank.T
-    near = (np.abs(yy[:, None] - yy[None]) <= 1) & (np.abs(xx[:, None] - xx[None]) <= 1)
-    sim[near] = -1.0
-    return knn.to_distance(sim.max(axis=1))
+        """Mean nearest distance over (block, r): {key: [B, P, C]} -> [B, P] (see :func:`references.bank_grid`)."""
+        return bank_grid(knn, self.features, self.shots, queries, exclude)
 
 
 @dataclass
