@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data import images as imio
 from ..errors import ConfigError, ImageTooLargeError, VisualADError
 from ..predictor import Predictor
+from ..runtime.postprocess import operating_point
 from ..runtime.readahead import load_one
 from . import guard, oip
 from .batcher import Batcher
@@ -150,8 +151,8 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
                 "calibrated_mode": (cfg.score_stats or {}).get("mode") if cfg.image_threshold is not None else None,
                 # what the threshold means, and the calibration's normal scores: the page's slider shows the
                 # false-alarm rate of any position from them
-                "operating_point": ((cfg.score_stats or {}).get("operating_point") or {}).get("description")
-                if cfg.image_threshold is not None else None,
+                "operating_point": operating_point(cfg.score_stats or {}) if cfg.image_threshold is not None
+                else None,
                 "normal_scores": (cfg.score_stats or {}).get("normal_scores") if cfg.image_threshold is not None
                 else None,
                 "max_batch_size": batcher.max_batch_size, "max_upload_mb": max_upload_mb,
