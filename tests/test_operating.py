@@ -56,7 +56,8 @@ def test_a_threshold_between_scores_is_described_conservatively():
     normal = np.arange(1.0, 11.0)  # 1..10
     on = describe_threshold("f1", 9.0, normal)  # the 9th smallest: of 11, 2 rank at or above it
     between = describe_threshold("f1", 8.5, normal)  # 8 lie below: at most 3 of 11
-    assert on.expected_rate == 2 / 11 and between.expected_rate == 3 / 11
+    assert on.expected_rate == 2 / 11 and between.expected_rate == 3 / 11 and on.exact and not between.exact
+    assert "false alarms expected 18%" in on.describe() and "expected at most 27%" in between.describe()
     assert abs(on.rate_bound - stats.beta.ppf(0.95, 2, 9)) < 1e-9  # Beta(n + 1 - k, k), k = 9
     assert abs(between.rate_bound - stats.beta.ppf(0.95, 3, 8)) < 1e-9
     high = recall_threshold(normal, [5.0, 12.0, 20.0, 30.0], 0.75)  # flag the 3 highest of 4

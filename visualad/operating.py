@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -60,19 +60,22 @@ class OperatingPoint:
     threshold: float
     n_normal: int
     false_alarm_rate: Optional[float]  # what was asked for (the percentile's complement for "percentile")
-    expected_rate: float  # (n + 1 - k) / (n + 1): the expected rate on new normal parts
+    expected_rate: float  # (n + 1 - k) / (n + 1): the expected rate on new normal parts (an upper value when
+    #                       the threshold lies between two normal scores: ``exact`` False)
     rate_bound: float  # CONFIDENCE upper bound on the true rate, distribution-free
     calibration_rate: float  # the fraction of the calibration normals at or above the threshold
     recall: Optional[float] = None  # on the anomalous examples, when given
     target_recall: Optional[float] = None
     warning: Optional[str] = None
+    exact: bool = True  # the threshold is one of the normal scores: ``expected_rate`` is the expectation itself
 
     def describe(self) -> str:
         asked = {"false_alarm": f"threshold for {_pct(self.false_alarm_rate)} false alarms",
                  "percentile": f"threshold at the {100 * (1 - (self.false_alarm_rate or 0.0)):g}th percentile of "
                                "normal scores",
                  "f1": "F1-optimal threshold", "recall": f"threshold for {_pct(self.target_recall)} recall"}[self.name]
-        text = (f"{asked}, calibrated on {self.n_normal} normals (false alarms expected {_pct(self.expected_rate)}, "
+        expected = ("expected " if self.exact else "expected at most ") + _pct(self.expected_rate)
+        text = (f"{asked}, calibrated on {self.n_normal} normals (false alarms {expected}, "
                 f"at most {_pct(self.rate_bound)} with {CONFIDENCE:.0%} confidence")
         if self.recall is not None:
             text += f"; recall {_pct(self.recall)} on the anomalous examples"
@@ -90,12 +93,14 @@ def _pct(value: Optional[float], suffix: str = "%") -> str:
     return text + suffix
 
 
-def _flagged(threshold: float, normal: np.ndarray) -> int:
-    """Of n + 1 exchangeable normal scores (the n and a new one), how many rank at or above ``threshold``, in the
-    worst case: n - j when it is the (j+1)-th smallest score itself, else n + 1 - j (j scores lie below it)."""
-    below = int(np.searchsorted(np.sort(normal), threshold, side="left"))
-    on_a_score = below < normal.size and float(np.sort(normal)[below]) == threshold
-    return normal.size - below if on_a_score else normal.size + 1 - below
+def _flagged(threshold: float, normal: np.ndarray) -> Tuple[int, bool]:
+    """Of n + 1 exchangeable normal scores (the n and a new one), how many rank at or above ``threshold``, and
+    whether that is exact: n - j when it is the (j+1)-th smallest score itself; else at most n + 1 - j (j scores
+    lie below it)."""
+    ordered = np.sort(normal)
+    below = int(np.searchsorted(ordered, threshold, side="left"))
+    on_a_score = below < normal.size and float(ordered[below]) == threshold
+    return (normal.size - below, True) if on_a_score else (normal.size + 1 - below, False)
 
 
 def describe_threshold(name: str, threshold: float, normal_scores: Sequence[float],
@@ -106,13 +111,13 @@ def describe_threshold(name: str, threshold: float, normal_scores: Sequence[floa
     n = int(normal.size)
     if n < 1:
         raise ValueError("an operating point needs at least one normal score")
-    flagged = _flagged(float(threshold), normal)
+    flagged, exact = _flagged(float(threshold), normal)
     bound = 1.0 if flagged > n else beta_quantile(flagged, n + 1 - flagged, CONFIDENCE)
     recall = None
     if anomalous_scores is not None and len(anomalous_scores):
         recall = float(np.mean(np.asarray(anomalous_scores, np.float64) >= threshold))
     return OperatingPoint(name, float(threshold), n, asked_rate, flagged / (n + 1), bound,
-                          float(np.mean(normal >= threshold)), recall, target_recall, warning)
+                          float(np.mean(normal >= threshold)), recall, target_recall, warning, exact)
 
 
 def false_alarm_threshold(normal_scores: Sequence[float], rate: float,

@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data import images as imio
+from ..data.images import image_digest
 from ..errors import ConfigError, ImageTooLargeError, VisualADError
 from ..predictor import Predictor
 from ..runtime.postprocess import operating_point
@@ -243,22 +244,32 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
             raise RequestError(400, f"calibration needs at least {MIN_CALIBRATION_IMAGES} normal images, got "
                                     f"{len(files)}: the threshold of fewer is little more than one image's score")
 
-        def run() -> Dict[str, Any]:
+        def run() -> Tuple[Dict[str, Any], bool]:
             with decoded(files, keep_image=False) as loaded, settings_lock:
-                detector.calibrate([x.square for x in loaded], mode=mode, progress=False)
-                cfg = detector.config
+                squares = [x.square for x in loaded]
+                detector.calibrate(squares, mode=mode, progress=False)
+                cfg, refs = detector.config, detector.references
+                stats = cfg.score_stats or {}
+                own = (refs is not None and stats.get("mode") == "references"
+                       and bool({image_digest(s) for s in squares} & set(refs.digests)))
                 return {"image_threshold": cfg.image_threshold, "pixel_threshold": cfg.pixel_threshold,
-                        "mode": (cfg.score_stats or {}).get("mode"), "images": len(loaded)}
+                        "mode": stats.get("mode"), "images": len(loaded),
+                        "operating_point": operating_point(stats)}, own
 
         try:
-            answer = await run_in_threadpool(run)
+            answer, own_references = await run_in_threadpool(run)
         except VisualADError as exc:
             raise RequestError(400, str(exc)) from None
-        n = answer["images"]
-        if n < WARN_CALIBRATION_IMAGES:
-            answer["warning"] = (f"calibrated on only {n} normal images: on new normal parts up to about "
-                                 f"{100 / (n + 1):.0f}% may be flagged; {WARN_CALIBRATION_IMAGES} or more give a "
-                                 "steadier threshold")
+        warnings = []
+        if answer["images"] < WARN_CALIBRATION_IMAGES:
+            warnings.append(f"calibrated on only {answer['images']} normal images; {WARN_CALIBRATION_IMAGES} or "
+                            "more give a steadier threshold")
+        if own_references:  # leave-one-out scores each against one reference fewer than new parts get
+            warnings.append("these images are the references: each was scored against the others only, with one "
+                            "reference fewer than a new part gets, so the threshold errs high (more defects "
+                            "missed); calibrate on other good parts when you can")
+        if warnings:
+            answer["warning"] = "; ".join(warnings)
         return answer
 
     @app.get("/", response_class=HTMLResponse)
