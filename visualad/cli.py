@@ -552,8 +552,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         gpus = len(list(Path("/proc/driver/nvidia/gpus").glob("*")))
         found = f"{gpus} NVIDIA GPU(s) with a driver" if gpus else "cpu (no NVIDIA driver found)"
         lines.append(f"device: {found}; --probe asks torch")
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME") or os.path.join(cache,
+                                                                                                "huggingface"), "hub")
     lines.append(f"hub cache: {hub}")
     lines.append(f"visualad cache: {cache_dir()}")
     manifest = load_manifest()
