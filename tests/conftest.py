@@ -60,6 +60,12 @@ def tiny_detector():
     return AnomalyDetector.from_backbone(device="cpu", pretrained_backbone=False, image_size=56, **TINY_TIMM)
 
 
+@pytest.fixture
+def tiny_model_dir(tiny_detector, tmp_path):
+    """The tiny model saved as a model directory, for the command line."""
+    return tiny_detector.save_pretrained(tmp_path / "tiny-model")
+
+
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VISUALAD_OFFLINE")
 
 

@@ -1,9 +1,11 @@
-"""Test helpers for the HTTP service: run an app with uvicorn on 127.0.0.1 (a free port, a thread) and talk to
-it over real HTTP with the standard library (bounded timeouts everywhere)."""
+"""Test helpers for the HTTP service: run an app with uvicorn on 127.0.0.1 (a free port, a thread), talk to it
+over real HTTP with the standard library, or drive its page in headless Chromium (bounded timeouts
+everywhere)."""
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import threading
 import time
 import urllib.error
@@ -58,3 +60,23 @@ def post_files(url: str, files: List[Tuple[str, bytes]], headers: Optional[Dict[
                ) -> Tuple[int, Any]:
     body, h = multipart(files)
     return request(url, body, {**h, **(headers or {})}, "POST")
+
+
+@contextlib.contextmanager
+def headless_browser() -> Iterator[Any]:
+    """Debian's Chromium through selenium (the dev extra), quit afterwards whatever happens."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "Debian's chromium and chromium-driver are needed (.ci/run installs them)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        browser.set_page_load_timeout(60)
+        yield browser
+    finally:
+        browser.quit()

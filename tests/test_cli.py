@@ -14,11 +14,6 @@ from visualad.cli import main
 
 
 @pytest.fixture
-def tiny_model_dir(tiny_detector, tmp_path):
-    return tiny_detector.save_pretrained(tmp_path / "tiny-model")
-
-
-@pytest.fixture
 def image_tree(shared_data, tmp_path):
     """Real images in nested folders, plus one broken file."""
     root = tmp_path / "imgs"

@@ -7,7 +7,6 @@ import base64
 import http.client
 import io
 import json
-import shutil
 import struct
 import threading
 import time
@@ -17,7 +16,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 from PIL import Image
-from serving import multipart, post_files, request, running
+from serving import headless_browser, multipart, post_files, request, running
 
 from visualad import AnomalyDetector
 from visualad.serve.app import create_app
@@ -262,21 +261,6 @@ def test_every_answer_carries_the_security_headers(det):
             assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
 
 
-def _browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver_path, "Debian's chromium and chromium-driver are needed (.ci/run installs them)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(arg)
-    browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    browser.set_page_load_timeout(60)
-    return browser
-
-
 def test_the_page_shows_file_names_as_text_and_works_with_a_token(det, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -285,8 +269,7 @@ def test_the_page_shows_file_names_as_text_and_works_with_a_token(det, tmp_path)
     img = tmp_path / name
     img.write_bytes(_png(7, size=(60, 80)))
     with running(create_app(det, model_name="tiny", token="s3cret")) as url:
-        browser = _browser()
-        try:
+        with headless_browser() as browser:
             browser.get(url + "/")  # the page itself needs no token...
             bar = browser.find_element(By.ID, "token-bar")
             WebDriverWait(browser, 30).until(lambda b: bar.is_displayed())  # ...it asks for one
@@ -301,5 +284,3 @@ def test_the_page_shows_file_names_as_text_and_works_with_a_token(det, tmp_path)
             assert len(browser.find_elements(By.CSS_SELECTOR, "#results img")) == 1  # the overlay, no other
             browser.refresh()  # the token is kept for the tab
             WebDriverWait(browser, 30).until(lambda b: "tiny:" in b.find_element(By.ID, "model").text)
-        finally:
-            browser.quit()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from serving import post_files, request, running
+from serving import headless_browser, post_files, request, running
 
 from visualad import AnomalyDetector
 from visualad.serve.app import create_app
@@ -138,37 +137,23 @@ def test_references_and_calibration_from_normal_images(det):
 
 
 def test_the_page_in_a_headless_browser(det, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver_path, "Debian's chromium and chromium-driver are needed (.ci/run installs them)"
     img = tmp_path / "part.png"
     img.write_bytes(_png(7, size=(60, 80)))
     want = _expected(det, [img.read_bytes()])[0].pred_score
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1200,900"):
-        options.add_argument(arg)
-    with running(create_app(det, model_name="tiny")) as url:
-        browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-        try:
-            browser.set_page_load_timeout(60)
-            browser.get(url + "/")
-            WebDriverWait(browser, 30).until(lambda b: "tiny:" in b.find_element(By.ID, "model").text)
-            browser.find_element(By.ID, "mode").send_keys("head")
-            browser.find_element(By.ID, "files").send_keys(str(img))
-            WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results .score"))
-            shown = float(browser.find_element(By.CSS_SELECTOR, "#results .score").text)
-            assert abs(shown - want) < 1e-3  # the page shows 4 decimals
-            assert "part.png" in browser.find_element(By.ID, "results").text
-            browser.save_screenshot(str(tmp_path / "page.png"))
-            assert Path(tmp_path / "page.png").stat().st_size > 1000
-        finally:
-            browser.quit()
+    with running(create_app(det, model_name="tiny")) as url, headless_browser() as browser:
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda b: "tiny:" in b.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "mode").send_keys("head")
+        browser.find_element(By.ID, "files").send_keys(str(img))
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results .score"))
+        shown = float(browser.find_element(By.CSS_SELECTOR, "#results .score").text)
+        assert abs(shown - want) < 1e-3  # the page shows 4 decimals
+        assert "part.png" in browser.find_element(By.ID, "results").text
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        assert Path(tmp_path / "page.png").stat().st_size > 1000
 
 
 def test_visualad_serve_answers_then_exits_0_on_sigterm(det, tmp_path):
@@ -215,8 +200,6 @@ def test_visualad_serve_answers_then_exits_0_on_sigterm(det, tmp_path):
 
 
 def test_the_page_says_what_the_threshold_and_each_slider_position_mean(det, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -226,23 +209,14 @@ def test_the_page_says_what_the_threshold_and_each_slider_position_mean(det, tmp
     normals = [np.asarray(Image.open(io.BytesIO(_png(400 + i)))) for i in range(9)]
     got = calibrated.calibrate(normals, mode="head", false_alarm_rate=0.2)
     scores = got["normal_scores"]
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    with running(create_app(calibrated, model_name="tiny")) as url:
-        browser = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")), options=options)
-        try:
-            browser.set_page_load_timeout(60)
-            browser.get(url + "/")
-            WebDriverWait(browser, 30).until(lambda b: "tiny:" in b.find_element(By.ID, "model").text)
-            point = browser.find_element(By.ID, "operating-point").text
-            assert point == "operating point: " + got["operating_point"]["description"]
-            # the calibrated threshold is the 8th of 9 scores: 2 of 10 at or above it
-            shown = browser.find_element(By.ID, "threshold-value").text
-            assert "flags about 20% of normal parts, from 9 calibration normals" in shown, shown
-            browser.execute_script("setThreshold(arguments[0])", scores[-1] + 1.0)  # above every normal
-            shown = browser.find_element(By.ID, "threshold-value").text
-            assert "flags about 10% of normal parts" in shown, shown
-        finally:
-            browser.quit()
+    with running(create_app(calibrated, model_name="tiny")) as url, headless_browser() as browser:
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda b: "tiny:" in b.find_element(By.ID, "model").text)
+        point = browser.find_element(By.ID, "operating-point").text
+        assert point == "operating point: " + got["operating_point"]["description"]
+        # the calibrated threshold is the 8th of 9 scores: 2 of 10 at or above it
+        shown = browser.find_element(By.ID, "threshold-value").text
+        assert "flags about 20% of normal parts, from 9 calibration normals" in shown, shown
+        browser.execute_script("setThreshold(arguments[0])", scores[-1] + 1.0)  # above every normal
+        shown = browser.find_element(By.ID, "threshold-value").text
+        assert "flags about 10% of normal parts" in shown, shown

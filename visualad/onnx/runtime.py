@@ -38,7 +38,7 @@ GRAPH_SIGNATURES = {"head": (["images"], ["maps", "scores"]), "features": (["ima
                     "grid_to_map": (["grid"], ["maps"])}
 
 
-def _first_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException) -> str:
     """An engine's message on one line: without the source locations OpenVINO puts first ("Exception from
     src/...:132:"), at most 300 characters."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith("Exception from")]
@@ -151,7 +151,7 @@ class OnnxBackend:
             except ImportError:
                 raise
             except Exception as exc:  # noqa: BLE001 - each engine raises its own types for every bad graph
-                raise WeightsError(f"{file.name}: {self.platform} cannot load it: {_first_line(exc)}",
+                raise WeightsError(f"{file.name}: {self.platform} cannot load it: {_one_line(exc)}",
                                    self.path) from None
             want_in, want_out = GRAPH_SIGNATURES.get(name, (None, None))
             want_out = self.meta.get("features") if name == "features" else want_out
@@ -168,7 +168,7 @@ class OnnxBackend:
         except VisualADError:
             raise
         except Exception as exc:  # noqa: BLE001 - a graph that fails on valid input is a broken export
-            raise WeightsError(f"{name}.onnx failed: {_first_line(exc)}", self.path) from None
+            raise WeightsError(f"{name}.onnx failed: {_one_line(exc)}", self.path) from None
         if len(outs) != len(shapes):
             raise WeightsError(f"{name}.onnx gave {len(outs)} outputs, not {len(shapes)}", self.path)
         for out, shape in zip(outs, shapes):
@@ -248,7 +248,7 @@ class OnnxBackend:
         except VisualADError:
             raise
         except (OSError, ValueError, KeyError, EOFError) as exc:  # random bytes, object arrays, missing arrays
-            raise WeightsError(f"references.npz cannot be read: {_first_line(exc)}", self.path) from None
+            raise WeightsError(f"references.npz cannot be read: {_one_line(exc)}", self.path) from None
         if not all(np.isfinite(v).all() for v in feats.values()):
             raise WeightsError("references.npz holds values that are not finite", self.path)
         digests = info.get("digests") or [""] * shots

@@ -56,6 +56,7 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
     :class:`~visualad.onnx.OnnxDetector`). ``max_decode_mp``: megapixels decoded or held at once across all
     requests; ``allowed_hosts``: host names served besides IP addresses and localhost (a proxy's)."""
     limit = int(max_upload_mb * 2**20)
+    hosts = frozenset(h.lower() for h in allowed_hosts)
     backend = detector.backend
     batcher = Batcher(backend, max_batch_size, max_latency_ms)
     budget = PixelBudget(int(max_decode_mp * 1e6))
@@ -71,7 +72,7 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
     @app.middleware("http")
     async def guarded(request: Request, call_next: Any) -> Any:
         refusal = guard.refusal(request.headers, request.method, request.url.path, request.url.scheme, token,
-                                allowed_hosts)
+                                hosts)
         length = request.headers.get("content-length")
         if refusal is None and length is not None and length.isdigit() and int(length) > limit:
             refusal = 413, (f"upload of {int(length)} bytes is over the limit of {limit} bytes "
@@ -144,18 +145,18 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
     def metadata() -> Dict[str, Any]:
         cfg = detector.config
         refs = detector.references
+        calibrated = cfg.image_threshold is not None
+        stats = (cfg.score_stats or {}) if calibrated else {}
         return {"name": model_name, "platform": backend.platform, "versions": VERSIONS, "visualad": _version(),
                 "backbone": cfg.backbone, "image_size": cfg.image_size, "head_trained": cfg.head_trained,
                 "references": 0 if refs is None else refs.shots, "device": backend.device_name,
                 "dtype": backend.dtype_name, "image_threshold": cfg.image_threshold,
                 "pixel_threshold": cfg.pixel_threshold,
-                "calibrated_mode": (cfg.score_stats or {}).get("mode") if cfg.image_threshold is not None else None,
+                "calibrated_mode": stats.get("mode"),
                 # what the threshold means, and the calibration's normal scores: the page's slider shows the
                 # false-alarm rate of any position from them
-                "operating_point": operating_point(cfg.score_stats or {}) if cfg.image_threshold is not None
-                else None,
-                "normal_scores": (cfg.score_stats or {}).get("normal_scores") if cfg.image_threshold is not None
-                else None,
+                "operating_point": operating_point(stats) if calibrated else None,
+                "normal_scores": stats.get("normal_scores"),
                 "max_batch_size": batcher.max_batch_size, "max_upload_mb": max_upload_mb,
                 "max_decode_mp": max_decode_mp, "min_calibration_images": MIN_CALIBRATION_IMAGES,
                 "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],

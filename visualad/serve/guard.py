@@ -41,10 +41,11 @@ def hostname(host: Optional[str]) -> Optional[str]:
 
 
 def host_allowed(host: Optional[str], allowed: Collection[str]) -> bool:
+    """``allowed``: the admitted names in lower case."""
     name = hostname(host)
     if name is None:
         return False
-    if name == "localhost" or name in {a.lower() for a in allowed}:
+    if name == "localhost" or name in allowed:
         return True
     try:
         ipaddress.ip_address(name)

@@ -82,8 +82,13 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
         raise ConfigError("target_recall needs anomalous images and must lie in (0, 1]")
     if operating_point is None:
         operating_point = "false_alarm" if false_alarm_rate is not None else "recall" if target_recall else method
-    if operating_point not in ("false_alarm", "percentile", "f1", "recall"):
+    possible = {"percentile": True, "false_alarm": false_alarm_rate is not None, "f1": method == "f1",
+                "recall": method == "f1" and target_recall is not None}  # f1 scores the anomalous images
+    if operating_point not in possible:
         raise ConfigError(f"operating_point must be false_alarm, percentile, f1 or recall, got {operating_point!r}")
+    if not possible[operating_point]:  # said before any image is scored
+        raise ConfigError(f"operating point {operating_point!r} needs "
+                          + ("false_alarm_rate" if operating_point == "false_alarm" else "anomalous images"))
     if method not in ("percentile", "f1"):
         raise ConfigError(f"method must be 'auto', 'percentile' or 'f1', got {method!r}")
     if not normal_images:
@@ -113,7 +118,7 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
         if masks is not None:
             normal_maps.append(flat)
     scores = np.asarray(normal_scores, dtype=np.float64)
-    normal_only = scores.copy()
+    normal_only = scores  # `scores` gains the anomalous ones below (a new array)
     image_thr = float(np.percentile(scores, percentile))
     pixel_thr = _percentile_of_top(top, total, pixel_percentile)
     labels = np.zeros(len(scores), dtype=np.int8)
@@ -135,9 +140,6 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
     points = _operating_points(normal_only, scores[labels == 1], percentile, image_thr,
                                f1_threshold(scores, labels) if labels.any() else None, false_alarm_rate,
                                target_recall)
-    if operating_point not in points:
-        raise ConfigError(f"operating point {operating_point!r} needs "
-                          + ("false_alarm_rate" if operating_point == "false_alarm" else "anomalous images"))
     chosen = points[operating_point]
     image_thr = chosen.threshold
     if chosen.warning:
