@@ -92,7 +92,8 @@ def test_calibration_scores_are_out_of_sample_and_the_point_is_stated(tiny_detec
     assert main(["predict", str(img), "--model", str(model), "--device", "cpu", "--dtype", "fp32",
                  "--out", str(tmp_path / "r.jsonl")]) == 0
     row = json.loads((tmp_path / "r.jsonl").read_text())
-    assert row["operating_point"].startswith("threshold for 20% false alarms, calibrated on 5 normals")
+    assert row["operating_point"].startswith("threshold for 20% false alarms, calibrated on 5 references, each "
+                                             "scored against the others")
     assert row["operating_point"] in capsys.readouterr().err
 
 
@@ -120,3 +121,72 @@ def test_the_cli_reports_every_point_and_keeps_the_one_named(tiny_detector, tmp_
     assert main(["calibrate", str(tmp_path / "good"), "--model", str(model), "--out", str(tmp_path / "d"),
                  "--device", "cpu", "--operating-point", "recall"]) == 1  # needs anomalous images
     assert "operating point 'recall' needs anomalous images" in capsys.readouterr().err
+
+
+def test_references_set_their_own_threshold_unless_one_holds_for_them(tiny_detector, tiny_model_dir, tmp_path,
+                                                                      capsys):
+    """``set_references(calibrate=True)`` is ``calibrate(refs, mode="references", false_alarm_rate=0.05)`` on the
+    references themselves (leave-one-out); a calibration that holds for the same references is kept. ``predict
+    --references`` labels rows that way; ``--threshold`` or a mode that does not use the references leaves it."""
+    from PIL import Image
+
+    from visualad.cli import main
+
+    tiny_detector.to("cpu", "fp32")
+    rng = np.random.default_rng(5)
+    normals = [rng.integers(60, 200, (56, 56, 3), dtype=np.uint8) for _ in range(6)]
+    tiny_detector.set_references(normals)
+    want = tiny_detector.calibrate(normals, mode="references", false_alarm_rate=0.05)["image_threshold"]
+    config = tiny_detector.config
+    config.image_threshold = config.pixel_threshold = config.score_stats = None
+
+    tiny_detector.set_references(normals, calibrate=True)
+    point = config.score_stats["operating_point"]
+    assert config.image_threshold == pytest.approx(want, abs=1e-6) and point["name"] == "false_alarm"
+    assert point["calibrated_on"] == "references, each scored against the others"
+    assert "6 normal images cannot set a threshold for 5% false alarms" in point["warning"]
+    assert tiny_detector.has_thresholds("references") and not tiny_detector.has_thresholds("head")
+    tiny_detector.calibrate(normals, mode="references", percentile=80)  # holds for these references: kept
+    kept = config.image_threshold
+    tiny_detector.set_references(normals, calibrate=True)
+    assert config.image_threshold == kept and config.score_stats["percentile"] == 80
+    tiny_detector.set_references(normals[:4], calibrate=True)  # other references: they set their own
+    assert config.score_stats["n_normal"] == 4 and tiny_detector.has_thresholds("references")
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i, n in enumerate(normals):
+        Image.fromarray(n).save(refs / f"n{i}.png")
+    Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    base = ["predict", str(tmp_path / "x.png"), "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32",
+            "--references", str(refs)]
+    rows = {}
+    for name, extra in {"self": [], "hand": ["--threshold", "0.5"], "head": ["--mode", "head"]}.items():
+        capsys.readouterr()
+        assert main(base + extra + ["--out", str(tmp_path / f"{name}.jsonl")]) == 0
+        rows[name] = json.loads((tmp_path / f"{name}.jsonl").read_text())
+        rows[name]["err"] = capsys.readouterr().err
+    assert rows["self"]["mode"] == "references" and isinstance(rows["self"]["label"], bool)
+    assert rows["self"]["threshold"] == pytest.approx(want, abs=1e-5)
+    assert "calibrated on 6 references, each scored against the others" in rows["self"]["err"]
+    assert "; next: more good parts make the threshold surer" in rows["self"]["err"]
+    assert rows["hand"]["operating_point"] == "threshold set by hand" and "calibrated on" not in rows["hand"]["err"]
+    assert rows["head"]["mode"] == "head" and rows["head"]["label"] is None
+    assert "calibrated on" not in rows["head"]["err"] and "no threshold, so no decisions" in rows["head"]["err"]
+
+
+def test_each_mode_names_the_next_step():
+    from visualad.modes.base import NO_THRESHOLD
+    from visualad.modes.batch import BatchMode
+    from visualad.modes.head import HeadMode
+    from visualad.modes.references import ReferencesMode
+    from visualad.operating import normals_needed
+
+    assert [normals_needed(r) for r in (0.2, 0.1, 0.05, 0.01)] == [4, 9, 19, 99]
+    refs = ReferencesMode(bank=None)
+    assert refs.next_step(False, None) == NO_THRESHOLD
+    assert "(19 or more set one for 5% false alarms, 99 for 1%)" in refs.next_step(True, 5)
+    assert "--mode batch" in refs.next_step(True, 120) and "--mode batch" in refs.next_step(True, None)
+    assert BatchMode().next_step(True, 50).startswith("new parts one at a time")
+    assert BatchMode().next_step(False, None).startswith(NO_THRESHOLD + "; ")
+    assert "--references DIR" in HeadMode().next_step(True, 50) and "--mode batch" in HeadMode().next_step(False, None)

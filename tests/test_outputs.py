@@ -118,11 +118,13 @@ def test_predict_ends_with_a_summary_and_its_operating_point(calibrated_dir, tmp
     assert main(["predict", str(d), "--model", str(calibrated_dir), "--device", "cpu", "--mode", "head",
                  "--out", str(tmp_path / "r.jsonl")]) == 0
     counts, point = capsys.readouterr().err.strip().splitlines()[-2:]
-    assert counts.startswith("visualad predict: 2 inputs,") and "flagged" in counts and "0 failed" in counts
-    assert "images/s" in counts
-    assert point.startswith("visualad predict: threshold at the 99.5th percentile of normal scores, calibrated on ")
+    assert counts.startswith("visualad predict: 2 inputs in head mode (an untrained head, as asked), ")
+    assert "flagged" in counts and "0 failed" in counts and "images/s" in counts
+    decisions, _, step = point[len("visualad predict: "):].partition("; next: ")
+    assert decisions.startswith("threshold at the 99.5th percentile of normal scores, calibrated on ")
+    assert step.startswith("the head transfers poorly to products it never saw")
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert all(r["operating_point"] == point[len("visualad predict: "):] for r in rows)
+    assert all(r["operating_point"] == decisions for r in rows)
 
 
 def test_reprs_are_short(calibrated_dir):

@@ -130,7 +130,8 @@ def test_references_and_calibration_from_normal_images(det):
         assert code == 200 and body["mode"] == "references" and body["image_threshold"] is not None
         assert "only 5 normal images" in body["warning"] and "these images are the references" in body["warning"]
         # the 99.5th percentile of 5 scores lies between the two highest: at most 2 of 6 normal parts
-        assert "calibrated on 5 normals (false alarms expected at most 33%" in body["operating_point"]
+        assert "calibrated on 5 references, each scored against the others (false alarms expected at most 33%" \
+            in body["operating_point"]
         code, body = post_files(url + "/predict", [("x.png", _png(300))])
         row = body["results"][0]
         assert row["mode"] == "references" and isinstance(row["label"], bool) and row["threshold"] is not None

@@ -10,11 +10,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 from ._version import __version__
 from .errors import VisualADError
 from .modes import MODES  # the package's __init__ holds only the names: no torch
+from .modes.base import NO_THRESHOLD
+from .modes.choice import uses_references
 
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 2
 
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--threshold", type=float, default=None, help="image threshold overriding the calibrated one")
     p.add_argument("--references", type=Path, default=None,
-                   help="folder of normal reference images of the same product (references mode)")
+                   help="folder of normal reference images of the same product (references mode); without "
+                        "--threshold and with no calibration for them, they set their own (leave-one-out)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an earlier, killed run with the same --out (inputs unchanged since) and "
                         "score only the rest")
@@ -241,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 64)")
     p.add_argument("--token", default=os.environ.get("VISUALAD_TOKEN"),
                    help="require 'Authorization: Bearer TOKEN' (default: $VISUALAD_TOKEN; none)")
-    p.add_argument("--references", type=Path, default=None, help="normal images to start in references mode")
+    p.add_argument("--references", type=Path, default=None,
+                   help="normal images to start in references mode (they set their own threshold, leave-one-out, "
+                        "unless the model holds one for them)")
     _common(p)
 
     p = sub.add_parser("download", help="pre-fetch everything a model needs, for offline sites")
@@ -300,13 +305,15 @@ def command_uses_onnx(args: argparse.Namespace) -> bool:
     return args.command in ("predict", "serve") and Path(args.model).is_dir() and is_export(args.model)
 
 
-def _references(det, folder: Optional[Path]) -> None:
+def _references(det, folder: Optional[Path], calibrate: bool = False) -> None:
+    """Set the references of ``folder``; ``calibrate``: they set their own thresholds when the model holds
+    none for them (leave-one-out, :meth:`Predictor.set_references`)."""
     if folder is None:
         return
     refs = [f for f, _ in expand_paths([str(folder)])]
     if not refs:
         raise VisualADError(f"no images found under {folder}", folder)
-    det.set_references(refs)
+    det.set_references(refs, calibrate=calibrate)
 
 
 def _announce_mode(args: argparse.Namespace, det, scorer, n: int) -> None:
@@ -342,15 +349,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise
     if writer is not None:
         writer.commit()
-    scored, flagged, failed, point = counts
     if not args.quiet:
-        rate = scored / max(time.perf_counter() - start, 1e-9)
+        rate = counts.scored / max(time.perf_counter() - start, 1e-9)
         kept = len(writer.kept) if writer is not None else 0
-        print(f"visualad predict: {len(inputs)} inputs, {flagged} flagged, {failed} failed"
+        print(f"visualad predict: {len(inputs)} inputs" + (f" in {counts.mode}" if counts.mode else "")
+              + f", {counts.flagged} flagged, {counts.failed} failed"
               + (f", {kept} kept from the earlier run" if kept else "") + f", {rate:.1f} images/s"
               + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
-        print(f"visualad predict: {point}" if point else "visualad predict: no threshold, so no decisions: "
-              "calibrate on normal parts (visualad calibrate --false-alarm-rate R)", file=sys.stderr)
+        decisions = counts.point or "no threshold, so no decisions"
+        print(f"visualad predict: {decisions}" + (f"; next: {counts.next_step}" if counts.next_step else ""),
+              file=sys.stderr)
+    failed = counts.failed
     if failed:
         if args.quiet:
             print(f"visualad predict: {failed} of {len(inputs)} inputs failed (see the 'error' fields)",
@@ -378,7 +387,18 @@ def _run_settings(args: argparse.Namespace) -> dict:
             "compare_with": args.compare_with, "references": fingerprint(refs)}
 
 
-def _predict_rows_ray(args: argparse.Namespace, inputs: List[tuple], keys: List, writer, files) -> tuple:
+class Tally(NamedTuple):
+    """What predict's summary says: counts, the decisions' operating point, the mode and why, the next step."""
+
+    scored: int
+    flagged: int
+    failed: int
+    point: Optional[str] = None
+    mode: str = ""
+    next_step: str = ""
+
+
+def _predict_rows_ray(args: argparse.Namespace, inputs: List[tuple], keys: List, writer, files) -> Tally:
     """The rows of local predict, scored by Ray actors (see :mod:`visualad.scale.ray_predict`)."""
     if args.overlays is not None or args.resume:
         raise VisualADError("--engine ray writes rows and maps: --overlays and --resume are local")
@@ -388,7 +408,7 @@ def _predict_rows_ray(args: argparse.Namespace, inputs: List[tuple], keys: List,
         raise VisualADError(f"--engine ray needs the ray extra: pip install 'visualad[ray]' ({exc})") from None
     refs = [str(f) for f, _ in expand_paths([str(args.references)])] if args.references else None
     flagged = failed = 0
-    point = None
+    point = mode = None
     for key, row in zip(keys, predict_with_ray(inputs, args.model, mode=args.mode, address=args.ray_address,
                                                device=args.device if args.device != "auto" else "cpu",
                                                dtype=args.dtype, batch_size=args.batch_size,
@@ -398,7 +418,8 @@ def _predict_rows_ray(args: argparse.Namespace, inputs: List[tuple], keys: List,
         failed += row.get("error") is not None
         flagged += bool(row.get("label"))
         point = point or row.get("operating_point")
-    return len(inputs), flagged, failed, point
+        mode = mode or row.get("mode")
+    return Tally(len(inputs), flagged, failed, point, f"{mode} mode" if mode else "", "" if point else NO_THRESHOLD)
 
 
 def _emit(row: dict, key, writer) -> None:
@@ -411,14 +432,13 @@ def _emit(row: dict, key, writer) -> None:
         print(json.dumps(row), flush=True)
 
 
-def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, writer, files) -> tuple:
-    """Score the inputs not kept by ``--resume``; write a row each (and its files); return (scored, flagged,
-    failed, the operating point of the labels)."""
+def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, writer, files) -> Tally:
+    """Score the inputs not kept by ``--resume``; write a row each (and its files); return the tally."""
     todo = [i for i, k in enumerate(keys) if writer is None or not writer.done(k)]
     if not todo:
-        return 0, 0, 0, None
+        return Tally(0, 0, 0)
     det = _load_detector(args)
-    _references(det, args.references)
+    _references(det, args.references, calibrate=args.threshold is None and uses_references(args.mode))
     scorer = det.scoring_mode(args.mode, len(todo), compare_with=args.compare_with)
     if scorer.kind != "images" and writer is not None and writer.kept:
         raise VisualADError("--resume works in head and references mode: batch mode scores the whole set "
@@ -438,7 +458,9 @@ def _predict_rows(args: argparse.Namespace, inputs: List[tuple], keys: List, wri
         failed += not res.ok
         flagged += bool(res.pred_label)
         point = point or res.operating_point
-    return len(todo), flagged, failed, point
+    n_normal = (det.config.score_stats or {}).get("n_normal") if args.threshold is None else None
+    mode = f"{scorer.name} mode ({scorer.why(len(todo), det.config.head_trained)})"
+    return Tally(len(todo), flagged, failed, point, mode, scorer.next_step(point is not None, n_normal))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -578,7 +600,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise VisualADError(f"visualad serve needs the serve extra: pip install 'visualad[serve]' ({exc.name} "
                             "is missing)") from None
     det = _load_detector(args)
-    _references(det, args.references)
+    _references(det, args.references, calibrate=True)
     name = Path(args.model).name if args.model else "visualad"
     app = create_app(det, model_name=name, token=args.token, max_batch_size=args.max_batch_size,
                      max_latency_ms=args.max_latency_ms, max_upload_mb=args.max_upload_mb,

@@ -68,6 +68,7 @@ class OperatingPoint:
     target_recall: Optional[float] = None
     warning: Optional[str] = None
     exact: bool = True  # the threshold is one of the normal scores: ``expected_rate`` is the expectation itself
+    calibrated_on: str = "normals"  # what the n normal scores are ("references, ..." when they set themselves)
 
     def describe(self) -> str:
         asked = {"false_alarm": f"threshold for {_pct(self.false_alarm_rate)} false alarms",
@@ -75,7 +76,7 @@ class OperatingPoint:
                                "normal scores",
                  "f1": "F1-optimal threshold", "recall": f"threshold for {_pct(self.target_recall)} recall"}[self.name]
         expected = ("expected " if self.exact else "expected at most ") + _pct(self.expected_rate)
-        text = (f"{asked}, calibrated on {self.n_normal} normals (false alarms {expected}, "
+        text = (f"{asked}, calibrated on {self.n_normal} {self.calibrated_on} (false alarms {expected}, "
                 f"at most {_pct(self.rate_bound)} with {CONFIDENCE:.0%} confidence")
         if self.recall is not None:
             text += f"; recall {_pct(self.recall)} on the anomalous examples"
@@ -120,6 +121,11 @@ def describe_threshold(name: str, threshold: float, normal_scores: Sequence[floa
                           float(np.mean(normal >= threshold)), recall, target_recall, warning, exact)
 
 
+def normals_needed(rate: float) -> int:
+    """The fewest out-of-sample normal scores that can set a threshold for a false-alarm rate ``rate``."""
+    return math.ceil(1.0 / rate - 1.0 - 1e-9)
+
+
 def false_alarm_threshold(normal_scores: Sequence[float], rate: float,
                           anomalous_scores: Optional[Sequence[float]] = None) -> OperatingPoint:
     """The threshold that flags a fraction ``rate`` of normal parts: the ``ceil((n + 1)(1 - rate))``-th smallest
@@ -131,7 +137,7 @@ def false_alarm_threshold(normal_scores: Sequence[float], rate: float,
     k = math.ceil((n + 1) * (1.0 - rate) - 1e-9)
     warning = None
     if k > n:
-        needed = math.ceil(1.0 / rate - 1.0)
+        needed = normals_needed(rate)
         warning = (f"{n} normal images cannot set a threshold for {_pct(rate)} false alarms (that needs at least "
                    f"{needed}): the threshold is above every one of them, and about {_pct(1 / (n + 1))} of new normal "
                    "parts may still be flagged")

@@ -15,15 +15,18 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 from .config import VisualADConfig
 from .data import images as imio
 from .data.files import iter_image_files
-from .modes.base import Scorer
+from .modes.base import Scorer, create
 from .modes.choice import ModeChooser
 from .progress import progress_bar
 from .result import AnomalyResult
 from .runtime import pipeline
-from .runtime.postprocess import Thresholds, finish
+from .runtime.postprocess import Thresholds, finish, mismatch
 from .types import PathLike
 
 logger = logging.getLogger(__name__)
+
+#: the false-alarm rate references ask for when they set their own threshold (``set_references(calibrate=True)``)
+SELF_CALIBRATION_RATE = 0.05
 
 
 class Predictor:
@@ -54,11 +57,24 @@ class Predictor:
         return self._chooser.scorer(mode, self.references, n_images, self.config.head_trained,
                                     compare_with=compare_with, seed=seed)
 
-    def set_references(self, images: Any, batch_size: int = 8, **kwargs: Any) -> None:
+    def set_references(self, images: Any, batch_size: int = 8, calibrate: bool = False, **kwargs: Any) -> None:
         """References mode: keep the patch features of normal images of the product (an empty list turns it
-        off). Keyword arguments go to the backend's bank builder (torch: ``blocks``, ``rs``)."""
+        off). Keyword arguments go to the backend's bank builder (torch: ``blocks``, ``rs``).
+
+        ``calibrate=True``: unless the model already holds thresholds for these references, the references set
+        them themselves (each scored against the others, leave-one-out; a threshold for
+        :data:`SELF_CALIBRATION_RATE` false alarms, or above every reference when they are too few for it), so
+        predictions are labelled with no extra step. This replaces the model's thresholds of another mode."""
         items = expand(images)
         self.references = self.backend.build_references(items, batch_size=batch_size, **kwargs) if items else None
+        if calibrate and items and not self.has_thresholds("references"):
+            self.calibrate(items, mode="references", batch_size=batch_size, false_alarm_rate=SELF_CALIBRATION_RATE)
+
+    def has_thresholds(self, mode: Union[str, Scorer]) -> bool:
+        """Whether the model's calibrated thresholds hold for ``mode`` (a mode's name or a scorer: the same mode
+        and, for references, the same reference images), so that predictions in it are labelled."""
+        scorer = mode if isinstance(mode, Scorer) else create(mode, references=self.references)
+        return self.config.image_threshold is not None and mismatch(self.config, scorer.describe()) is None
 
     def clear_references(self) -> None:
         self.references = None

@@ -11,9 +11,12 @@ Nothing outside this module tests a mode by name, type or attribute: code asks t
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple, Type, TypeVar
+from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
 KINDS = ("images", "set", "stream")
+#: the next step of a run without a threshold, in any mode
+NO_THRESHOLD = ("no threshold, so no decisions: calibrate on good parts of the product (visualad calibrate "
+                "GOOD_DIR --false-alarm-rate R)")
 
 
 class Scorer:
@@ -36,6 +39,11 @@ class Scorer:
     def why(self, n_images: int, head_trained: bool) -> str:
         """Why this mode scores a call of ``n_images`` images, in a few words (the CLI says it)."""
         return "as asked"
+
+    def next_step(self, labelled: bool, n_normal: Optional[int]) -> str:
+        """What to do after a run in this mode, in a few words (the CLI's summary): ``labelled`` says whether
+        results had a threshold, ``n_normal`` how many normal images calibrated it (None: set by hand)."""
+        return "" if labelled else NO_THRESHOLD
 
     def holdout(self, digest: str) -> "Scorer":
         """The scorer for an input that may be part of the scorer's own evidence (calibrating references on

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
 from . import partners
-from .base import Scorer, register
+from .base import NO_THRESHOLD, Scorer, register
 from .choice import check_set_size
 
 NAME = "batch"
@@ -64,6 +64,10 @@ class BatchMode(Scorer):
     def why(self, n_images: int, head_trained: bool) -> str:
         return (f"{n_images} images scored against each other; it assumes that defects are local and on a "
                 "minority of them")
+
+    def next_step(self, labelled: bool, n_normal: Optional[int]) -> str:
+        step = "new parts one at a time: give a few good parts (--references DIR)"
+        return step if labelled else f"{NO_THRESHOLD}; {step}"
 
     def describe(self) -> Dict[str, Any]:
         return {"mode": NAME, "compare_with": self.compare_with, "seed": self.seed}

@@ -32,6 +32,11 @@ def check_set_size(n: int) -> None:
             "images of the product at once", n, WARN_BELOW)
 
 
+def uses_references(mode: str) -> bool:
+    """Whether a call asking for ``mode`` scores by the references when they are set (auto or references)."""
+    return mode in ("auto", "references")
+
+
 class ModeChooser:
     """``choose`` names the mode of a call; it warns once per detector when it falls back to the head.
 

@@ -1,7 +1,7 @@
 """Head mode: the trained tokens' cosine contrast (VisualAD's zero-shot map, the paper's method)."""
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -19,6 +19,10 @@ class HeadMode(Scorer):
 
     def score(self, backend: Any, batch: Any) -> Tuple[np.ndarray, np.ndarray]:
         return backend.head_maps(batch)
+
+    def next_step(self, labelled: bool, n_normal: Optional[int]) -> str:
+        return ("the head transfers poorly to products it never saw: give a few good parts (--references DIR) or "
+                "a whole lot of one product at once (--mode batch)")
 
     def why(self, n_images: int, head_trained: bool) -> str:
         return "the trained head" if head_trained else "an untrained head, as asked"

@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import ConfigError
-from .base import Scorer, register
+from ..operating import normals_needed
+from .base import NO_THRESHOLD, Scorer, register
 
 NAME = "references"
 
@@ -67,7 +68,16 @@ class ReferencesMode(Scorer):
         return self if own is None else ReferencesMode(self.bank, exclude=own)
 
     def why(self, n_images: int, head_trained: bool) -> str:
-        return "normal reference images are set"
+        return f"{self.bank.shots} normal reference image{'s' if self.bank.shots != 1 else ''} given"
+
+    def next_step(self, labelled: bool, n_normal: Optional[int]) -> str:
+        if not labelled:
+            return NO_THRESHOLD
+        needed = normals_needed(0.01)
+        if n_normal is not None and n_normal < needed:
+            return (f"more good parts make the threshold surer ({normals_needed(0.05)} or more set one for 5% "
+                    f"false alarms, {needed} for 1%): --references with more, or visualad calibrate on a set of them")
+        return "a whole lot of one product with no good parts at hand: --mode batch scores it against itself"
 
     def describe(self) -> Dict[str, Any]:
         return {"mode": NAME, "shots": self.bank.shots, "fingerprint": self.bank.fingerprint}

@@ -62,6 +62,22 @@ def operating_point(stats: Dict[str, Any]) -> str:
     return f"threshold at the {stats.get('percentile', '?')}th percentile of {stats.get('n_normal', '?')} normal scores"
 
 
+def mismatch(config: VisualADConfig, mode: Dict[str, Any]) -> Optional[Tuple[str, str]]:
+    """Why the config's thresholds do not hold for a scorer that ``describe()``s as ``mode`` (a key and the
+    warning), or None when they hold (older configs were calibrated in head mode)."""
+    stats = config.score_stats or {}
+    calibrated = stats.get("mode", "head")
+    if calibrated != mode["mode"]:
+        return (f"mode:{mode['mode']}", f"thresholds were calibrated in {calibrated} mode and this prediction runs "
+                f"in {mode['mode']} mode: pred_label stays None; calibrate in {mode['mode']} mode "
+                f"(detector.calibrate(normal_images, mode={mode['mode']!r}))")
+    fp = stats.get("references_fingerprint")
+    if "fingerprint" in mode and fp is not None and fp != mode["fingerprint"]:
+        return ("bank", "thresholds were calibrated with other reference images: pred_label stays None; calibrate "
+                "again after set_references")
+    return None
+
+
 class Thresholds:
     """Applies the calibrated thresholds of a config to results, warning once per reason."""
 
@@ -75,20 +91,10 @@ class Thresholds:
 
     def applicable(self, config: VisualADConfig, mode: Dict[str, Any]) -> bool:
         """Whether the config's thresholds were calibrated in this mode (older configs: the head mode)."""
-        stats = config.score_stats or {}
-        calibrated = stats.get("mode", "head")
-        if calibrated != mode["mode"]:
-            self._warn_once(f"mode:{mode['mode']}", "thresholds were calibrated in %s mode and this prediction "
-                            "runs in %s mode: pred_label stays None; calibrate in %s mode "
-                            "(detector.calibrate(normal_images, mode=%r))", calibrated, mode["mode"],
-                            mode["mode"], mode["mode"])
-            return False
-        fp = stats.get("references_fingerprint")
-        if "fingerprint" in mode and fp is not None and fp != mode["fingerprint"]:
-            self._warn_once("bank", "thresholds were calibrated with other reference images: pred_label stays "
-                            "None; calibrate again after set_references")
-            return False
-        return True
+        why = mismatch(config, mode)
+        if why is not None:
+            self._warn_once(why[0], "%s", why[1])
+        return why is None
 
     def apply(self, res: AnomalyResult, config: VisualADConfig, mode: Dict[str, Any], dtype: str,
               threshold: Optional[float] = None) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..modes.choice import uses_references
 from ..result import ROW_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ class Scorer:
         if threads > 0:
             torch.set_num_threads(threads)
         self.det = AnomalyDetector.from_pretrained(model, device=device, dtype=dtype)
-        if references:
-            self.det.set_references(references)
+        if references:  # self-calibrated as local predict is (each actor alike: it is deterministic)
+            self.det.set_references(references, calibrate=threshold is None and uses_references(mode))
         self.mode, self.batch_size, self.full_maps = mode, batch_size, full_maps
         self.compare_with, self.threshold, self.map_format = compare_with, threshold, map_format
 

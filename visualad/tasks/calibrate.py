@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,8 +43,8 @@ DEFAULT_PIXEL_PERCENTILE = 99.9
 
 def scored(backend: Any, items: Sequence[Any], mode: Any, batch_size: int,
            progress: bool = False) -> Iterator[Tuple[Loaded, np.ndarray, float]]:
-    """(input, model-size map, score) of each item, out of sample: an input that is part of the scorer's own
-    evidence (a reference) is scored by the scorer's ``holdout`` (leave-one-out)."""
+    """(input, model-size map, score, held out) of each item, out of sample: an input that is part of the
+    scorer's own evidence (a reference) is scored by the scorer's ``holdout`` (leave-one-out)."""
     bar = progress_bar(len(items), progress, unit="img", desc="calibrate")
     if mode.kind == "images":
         for chunk in pipeline.read(backend, items, batch_size, on_error="raise"):
@@ -59,11 +60,11 @@ def scored(backend: Any, items: Sequence[Any], mode: Any, batch_size: int,
                     out[id(x)] = (m[0], v[0])
                 x.square = None
                 bar.update(1)
-                yield x, out[id(x)][0], float(out[id(x)][1])
+                yield x, out[id(x)][0], float(out[id(x)][1]), s is not mode
     else:
         for x, m, s in pipeline.run(backend, items, mode, batch_size, on_error="raise"):
             bar.update(1)
-            yield x, m, s
+            yield x, m, s, False
     bar.close()
 
 
@@ -108,8 +109,10 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
     normal_scores: List[float] = []
     medians: List[float] = []
     normal_maps: List[np.ndarray] = []  # only for the pixel F1 with masks
-    for _x, amap, score in scored(backend, list(normal_images), mode, batch_size, progress):
+    held_out = 0
+    for _x, amap, score, own in scored(backend, list(normal_images), mode, batch_size, progress):
         normal_scores.append(score)
+        held_out += own
         flat = amap.ravel()
         top = np.concatenate([top, flat])
         if top.size > keep:
@@ -127,7 +130,7 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
         anomalous = list(anomalous_images)
         maps, gts = list(normal_maps), [np.zeros(m.size, dtype=bool) for m in normal_maps]
         anom_scores = []
-        for i, (x, amap, score) in enumerate(scored(backend, anomalous, mode, batch_size, progress)):
+        for i, (x, amap, score, _own) in enumerate(scored(backend, anomalous, mode, batch_size, progress)):
             anom_scores.append(score)
             if masks is not None:
                 m = read_mask(masks[i], (x.height, x.width), image=x.path)
@@ -140,6 +143,8 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
     points = _operating_points(normal_only, scores[labels == 1], percentile, image_thr,
                                f1_threshold(scores, labels) if labels.any() else None, false_alarm_rate,
                                target_recall)
+    if held_out == len(normal_only):  # the references set their own threshold
+        points = {k: replace(p, calibrated_on="references, each scored against the others") for k, p in points.items()}
     chosen = points[operating_point]
     image_thr = chosen.threshold
     if chosen.warning:
@@ -163,7 +168,7 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
     if "fingerprint" in describe:
         stats["references_fingerprint"] = describe["fingerprint"]
     config.image_threshold, config.pixel_threshold, config.score_stats = image_thr, pixel_thr, stats
-    logger.info("calibrated (%s, %s mode): image threshold %.6g, pixel threshold %.6g", method, stats["mode"],
+    logger.info("calibrated (%s, %s mode): image threshold %.6g, pixel threshold %.6g", chosen.name, stats["mode"],
                 image_thr, pixel_thr)
     return {"image_threshold": image_thr, "pixel_threshold": pixel_thr, **stats}
 
