@@ -2,11 +2,14 @@
 and seeded subsets of N = 16 and 32), image AUROC / pixel AUROC / AUPRO at each image's original resolution.
 
     python benchmarks/modes.py [--data ../shared/data] [--dtype fp32] [--subset-draws 3]
+                               [--feature-dtypes fp32 bf16 fp16]
 
 Settings (block 7 of 12, r = 1 and 3, interval fraction 0.1, image score = max, 224 px) were chosen on these
 four categories before this script was written (docs/batch-zero-shot.md); nothing here tunes them. References
 are drawn from each category's train/good exactly as ``visualad eval --shots K`` draws them (seed 42).
-Prints a Markdown table for docs/modes.md.
+Prints a Markdown table for docs/modes.md. ``--feature-dtypes``: the same table with the nearest-neighbour
+features kept and multiplied in each dtype (the forward stays in ``--dtype``), then the largest difference of any
+metric from the first one's, per mode and category (docs/modes.md, "Precision of the nearest-neighbour core").
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -27,6 +31,7 @@ from visualad.data.datasets import load_dataset, load_mask  # noqa: E402
 from visualad.modes.batch import BatchMode  # noqa: E402
 from visualad.tasks.references import draw_references  # noqa: E402
 
+FEATURE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CATEGORIES = {"tire": "mvtec_3d_ad_tire_rgb", "cookie": "lookout_cookies", "hazelnut": "mvtec_ad_reduced",
               "transistor": "mvtec_ad_reduced"}
 
@@ -41,18 +46,12 @@ def score(det: AnomalyDetector, samples: List[Any], mode: Any) -> Dict[str, floa
     return {"i": img["auroc"], "p": pix["auroc"], "pro": pix["aupro"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    ap.add_argument("--dtype", default="fp32")
-    ap.add_argument("--subset-draws", type=int, default=3, help="seeded draws per subset size N")
-    args = ap.parse_args()
-    det = AnomalyDetector.from_pretrained(device="cpu", dtype=args.dtype)
+def table(det: AnomalyDetector, data: Path, subset_draws: int) -> Dict[str, Dict[str, Dict[str, float]]]:
     rows: Dict[str, Dict[str, Dict[str, float]]] = {}
     t0 = time.perf_counter()
     for cat, ds_name in CATEGORIES.items():
-        test = [s for s in load_dataset(args.data / ds_name, split="test").samples if s.category == cat]
-        train = load_dataset(args.data / ds_name, split="train")
+        test = [s for s in load_dataset(data / ds_name, split="test").samples if s.category == cat]
+        train = load_dataset(data / ds_name, split="train")
         rows.setdefault("head", {})[cat] = score(det, test, "head")
         for k in (1, 4, 16):
             refs = draw_references(train, cat, k, seed=42)
@@ -62,21 +61,49 @@ def main() -> None:
         rows.setdefault("batch, all test images", {})[cat] = score(det, test, BatchMode())
         for n in (16, 32):
             draws = []
-            for d in range(args.subset_draws):
+            for d in range(subset_draws):
                 sub = random.Random(f"{d}:{cat}:{n}").sample(test, min(n, len(test)))
                 if len({s.label for s in sub}) < 2:
                     continue
                 draws.append(score(det, sub, BatchMode()))
-            rows.setdefault(f"batch, N={n} ({args.subset_draws} draws)", {})[cat] = {
+            rows.setdefault(f"batch, N={n} ({subset_draws} draws)", {})[cat] = {
                 k: float(np.mean([d[k] for d in draws])) for k in ("i", "p", "pro")}
         print(f"{cat} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--subset-draws", type=int, default=3, help="seeded draws per subset size N")
+    ap.add_argument("--feature-dtypes", nargs="+", default=None, choices=sorted(FEATURE_DTYPES),
+                    help="tables with the nearest-neighbour features in each dtype, then differences from the first")
+    args = ap.parse_args()
+    det = AnomalyDetector.from_pretrained(device="cpu", dtype=args.dtype)
     cats = list(CATEGORIES)
-    print("| mode | " + " | ".join(cats) + " | mean |")
-    print("|---" * (len(cats) + 2) + "|")
-    for mode, per in rows.items():
-        cells = [f"{per[c]['i']:.3f} / {per[c]['p']:.3f} / {per[c]['pro']:.3f}" for c in cats]
-        mean = {k: np.mean([per[c][k] for c in cats]) for k in ("i", "p", "pro")}
-        print(f"| {mode} | " + " | ".join(cells) + f" | **{mean['i']:.3f} / {mean['p']:.3f} / {mean['pro']:.3f}** |")
+    tables = {}
+    t0 = time.perf_counter()
+    for name in args.feature_dtypes or [None]:
+        if name is not None:
+            det.engine.feature_dtype = FEATURE_DTYPES[name]
+        rows = tables[name] = table(det, args.data, args.subset_draws)
+        print(f"\n{args.dtype} forward, features in {name or det.engine.feature_dtype}:" if name else "")
+        print("| mode | " + " | ".join(cats) + " | mean |")
+        print("|---" * (len(cats) + 2) + "|")
+        for mode, per in rows.items():
+            cells = [f"{per[c]['i']:.3f} / {per[c]['p']:.3f} / {per[c]['pro']:.3f}" for c in cats]
+            mean = {k: np.mean([per[c][k] for c in cats]) for k in ("i", "p", "pro")}
+            print(f"| {mode} | " + " | ".join(cells)
+                  + f" | **{mean['i']:.3f} / {mean['p']:.3f} / {mean['pro']:.3f}** |", flush=True)
+    names = list(tables)
+    for name in names[1:]:  # the largest |difference| of image AUROC, pixel AUROC or AUPRO from the first
+        print(f"\nfeatures in {name} against {names[0]}: the largest difference of any metric")
+        print("| mode | " + " | ".join(cats) + " |")
+        print("|---" * (len(cats) + 1) + "|")
+        for mode, per in tables[name].items():
+            diffs = [max(abs(per[c][k] - tables[names[0]][mode][c][k]) for k in ("i", "p", "pro")) for c in cats]
+            print(f"| {mode} | " + " | ".join(f"{d:.4f}" for d in diffs) + " |")
     print(f"\n{args.dtype}, {det.config.image_size} px, {time.perf_counter() - t0:.0f} s in all", file=sys.stderr)
 
 

@@ -2,13 +2,19 @@
 
 Features (MuSc's LNAMD, Li et al. ICLR 2024): per image, LayerNorm over (C, H, W) without affine, an r x r mean
 over the patch grid (zero padding), L2 normalisation; one copy per r. Distances are Euclidean between unit
-vectors, ``sqrt(2 - 2 cos)``, computed as matrix products in fp32 whatever the features' dtype, in chunks so
-that memory stays bounded whatever the number of images.
+vectors, ``sqrt(2 - 2 cos)``, computed as matrix products in chunks so that memory stays bounded whatever the
+number of images.
+
+The products run in the queries' dtype. fp32 features give the exact fp32 function. Half features (bf16 or
+fp16: what an engine in that dtype keeps) take the product in that dtype only to find each patch's nearest
+patch; that pair's similarity is then recomputed as an fp32 dot product (:func:`nearest_similarities`), so a
+distance is never a rounded bf16 product (2^-8 near cos 0.9, 1% of the distance), only the dot product of the
+two stored rows.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +46,39 @@ def to_distance(sim: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * sim).clamp_(min=0.0).sqrt_()
 
 
-def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Distance of each query row [Nq, C] to its nearest bank row [Nb, C] (unit vectors) -> [Nq] fp32.
+HALF = (torch.bfloat16, torch.float16)
 
-    Exact; queries are taken in chunks of about ``chunk_elements / Nb`` rows, so memory is bounded."""
-    q, bt = queries.float(), bank.float().t()
-    rows = max(1, chunk_elements // max(1, bt.shape[1]))
-    out = torch.empty(q.shape[0], device=q.device, dtype=torch.float32)
-    for s in range(0, q.shape[0], rows):
-        out[s:s + rows] = (q[s:s + rows] @ bt).amax(dim=1)
+
+def _dots(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """fp32 dot products of the rows of ``a`` [..., P, C] with the rows ``index`` [..., P] of ``b`` [..., Q, C]."""
+    picked = b.gather(-2, index.unsqueeze(-1).expand(*index.shape, b.shape[-1]))
+    return (a.float() * picked.float()).sum(dim=-1)
+
+
+def nearest_similarities(a: torch.Tensor, b: torch.Tensor, both: bool = False) -> Tuple[torch.Tensor, ...]:
+    """Batched [..., P, C] x [..., Q, C] (unit rows) -> the fp32 similarity of each row of ``a`` to its nearest
+    row of ``b`` [..., P] (and, with ``both``, of each row of ``b`` to its nearest row of ``a``, [..., Q]).
+
+    fp32 inputs: the maxima of one fp32 product. Half inputs: the product in their dtype picks each nearest row,
+    and the similarity of that pair is an fp32 dot product (a tie within the half product's rounding may pick
+    the other of two nearly equal rows; the value is then that row's exact similarity)."""
+    sim = torch.matmul(a, b.transpose(-1, -2))
+    if a.dtype not in HALF:
+        return (sim.amax(dim=-1), sim.amax(dim=-2)) if both else (sim.amax(dim=-1),)
+    rows = _dots(a, b, sim.argmax(dim=-1))
+    return (rows, _dots(b, a, sim.argmax(dim=-2))) if both else (rows,)
+
+
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Distance of each query row [Nq, C] to its nearest bank row [Nb, C] (unit vectors) -> [Nq] fp32, the
+    product in the queries' dtype (see the module's docstring).
+
+    Exact in fp32; queries are taken in chunks of about ``chunk_elements / Nb`` rows, so memory is bounded."""
+    bank = bank.to(queries.dtype)
+    rows = max(1, chunk_elements // max(1, bank.shape[0]))
+    out = torch.empty(queries.shape[0], device=queries.device, dtype=torch.float32)
+    for s in range(0, queries.shape[0], rows):
+        out[s:s + rows] = nearest_similarities(queries[s:s + rows], bank)[0]
     return to_distance(out)
 
 
@@ -56,13 +86,12 @@ def distances_to_images(query: torch.Tensor, images: torch.Tensor,
                         chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Nearest-patch distance of each query patch [P, C] in each of ``images`` [W, Q, C] -> [W, P] fp32,
     a block of images at a time (memory bounded by ``chunk_elements`` similarities)."""
-    q = query.float()
     w, n, _ = images.shape
-    out = torch.empty(w, q.shape[0], device=q.device, dtype=torch.float32)
-    block = max(1, chunk_elements // max(1, q.shape[0] * n))
+    out = torch.empty(w, query.shape[0], device=query.device, dtype=torch.float32)
+    block = max(1, chunk_elements // max(1, query.shape[0] * n))
     for s in range(0, w, block):
-        sim = torch.matmul(images[s:s + block].float(), q.t())  # [b, Q, P]
-        out[s:s + block] = sim.amax(dim=1)
+        part = images[s:s + block]
+        out[s:s + block] = nearest_similarities(query.expand(part.shape[0], -1, -1), part)[0]
     return to_distance(out)
 
 
@@ -95,10 +124,10 @@ def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: in
         for s in range(0, n, block):
             rows = idx[s:s + block]
             partners = (rows + d) % n
-            sim = torch.bmm(features[order[rows]].float(), features[order[partners]].float().transpose(1, 2))
-            out[rows, slot] = to_distance(sim.amax(dim=2))
+            near = nearest_similarities(features[order[rows]], features[order[partners]], both=d in both)
+            out[rows, slot] = to_distance(near[0])
             if d in both:
-                out[partners, slot + 1] = to_distance(sim.amax(dim=1))
+                out[partners, slot + 1] = to_distance(near[1])
         slot += 2 if d in both else 1
     return out
 
@@ -114,7 +143,7 @@ def nearest_outside_neighbourhood(q: torch.Tensor, bank: torch.Tensor) -> torch.
     g = int(round(math.sqrt(q.shape[0])))
     yy, xx = torch.meshgrid(torch.arange(g, device=q.device), torch.arange(g, device=q.device), indexing="ij")
     yy, xx = yy.reshape(-1), xx.reshape(-1)
-    sim = q.float() @ bank.float().t()
+    sim = q.float() @ bank.float().t()  # one image against itself: small, so always fp32
     near = ((yy[:, None] - yy[None]).abs() <= 1) & ((xx[:, None] - xx[None]).abs() <= 1)
     sim.masked_fill_(near, -1.0)
     return to_distance(sim.amax(dim=1))
@@ -131,5 +160,6 @@ def unpermute(rows: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def concat(items: List[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(items)
+def empty_rows(n: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised [n, ...] tensor with the dtype, device and row shape of ``like`` (a set's features)."""
+    return like.new_empty((n, *like.shape[1:]))

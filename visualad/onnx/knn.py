@@ -91,5 +91,6 @@ def unpermute(rows: np.ndarray, order: Sequence[int]) -> np.ndarray:
     return out
 
 
-def concat(items: List[np.ndarray]) -> np.ndarray:
-    return np.concatenate(items)
+def empty_rows(n: int, like: np.ndarray) -> np.ndarray:
+    """An uninitialised [n, ...] array with the dtype and row shape of ``like`` (a set's features)."""
+    return np.empty((n,) + like.shape[1:], like.dtype)

@@ -21,7 +21,7 @@ from ..model import VisualAD
 from ..modes import knn
 from ..modes.bank import ReferenceBank, build_bank
 from . import pipeline
-from .precision import autocast, dtype_name, resolve_device, resolve_dtype
+from .precision import autocast, dtype_name, feature_dtype_for, resolve_device, resolve_dtype
 from .readahead import Loaded
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ class Engine:
                  dtype: Union[str, torch.dtype] = "auto") -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        #: the dtype of the unit patch features the nearest-neighbour modes keep and multiply (a set's features
+        #: between the forward and the scoring, a batch's queries): the engine's dtype when it is bf16 or fp16
+        #: (half the memory, products in that dtype), else fp32, the exact function (:mod:`visualad.modes.knn`)
+        self.feature_dtype = feature_dtype_for(self.dtype)
         self.model = model.to(self.device).eval()
         #: forwards run so far (batches through the model or the backbone): tests count work with it
         self.forwards = 0
@@ -68,6 +72,7 @@ class Engine:
     def to(self, device: Union[str, torch.device], dtype: Union[str, torch.dtype] = "auto") -> "Engine":
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.feature_dtype = feature_dtype_for(self.dtype)
         self.model.to(self.device)
         return self
 
@@ -102,16 +107,17 @@ class Engine:
 
     def features(self, batch: torch.Tensor, blocks: Sequence[int], rs: Sequence[int]
                  ) -> Dict[Tuple[int, int], torch.Tensor]:
-        """Unit patch features (LNAMD, fp32) per (block, r) of a prepared batch, each [B, N, C]."""
+        """Unit patch features (LNAMD) per (block, r) of a prepared batch, each [B, N, C] in ``feature_dtype``."""
         feats = self.backbone_features(batch, blocks)
         with torch.inference_mode():
-            return {(b, r): knn.lnamd(f, r) for b, f in zip(blocks, feats) for r in rs}
+            return {(b, r): knn.lnamd(f, r).to(self.feature_dtype) for b, f in zip(blocks, feats) for r in rs}
 
     def references_grid(self, batch: torch.Tensor, bank: ReferenceBank, exclude: Optional[int]) -> torch.Tensor:
         if bank.image_size != self.image_size:
             raise ConfigError(f"the reference bank was built at {bank.image_size} px and the model runs at "
                               f"{self.image_size} px: set the references again")
-        return bank.grid(bank.query(self.model.backbone_features(batch, bank.blocks)), exclude=exclude)
+        queries = bank.query(self.model.backbone_features(batch, bank.blocks))
+        return bank.grid({k: q.to(self.feature_dtype) for k, q in queries.items()}, exclude=exclude)
 
     def grid_to_map(self, grids: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
         """Patch grids [B, P] or [B, g, g] -> host smoothed maps [B, S, S] and their maxima [B]."""

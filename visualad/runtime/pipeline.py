@@ -6,7 +6,7 @@ scorer's ``kind``: ``images`` (a batch at a time), ``set`` (the whole set's feat
 ``stream`` (each image's features as it comes) -> ``backend.grid_to_map`` -> (input, model-size map, score).
 
 A backend provides: ``image_size``, ``depth``, ``dtype_name``, ``knn`` (the nearest-neighbour primitives on
-its arrays: ``mutual_distances``, ``interval_average``, ``distances_to_images``, ``stack``, ``concat``,
+its arrays: ``mutual_distances``, ``interval_average``, ``distances_to_images``, ``stack``, ``empty_rows``,
 ``unpermute``), ``prepare(squares)``, ``score(batch, scorer)``, ``features(batch, blocks, rs)``,
 ``references_grid(batch, bank, exclude)``, ``grid_to_map(grids) -> (maps, scores)`` on the host,
 ``inference()`` (the context set and stream scoring run in) and ``build_references(items, batch_size)``.
@@ -38,6 +38,8 @@ def run(backend: Any, items: Iterable[Any], scorer: Any, batch_size: int = 8, *,
         on_error: str = "return") -> Iterator[Scored]:
     """(input, model-size map or None, score) per input, in order; see the module's docstring."""
     chunks = read(backend, items, batch_size, keep_image=keep_image, on_error=on_error)
+    if scorer.kind == "set":  # the set's features are allocated once for the inputs' count, when it is known
+        return _set(backend, chunks, scorer, batch_size, len(items) if hasattr(items, "__len__") else None)
     return _BY_KIND[scorer.kind](backend, chunks, scorer, batch_size)
 
 
@@ -50,24 +52,26 @@ def _images(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_siz
         yield from paired(chunk, maps, scores)
 
 
-def _set(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_size: int) -> Iterator[Scored]:
+def _set(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_size: int,
+         expected: Optional[int]) -> Iterator[Scored]:
     blocks = scorer.blocks_for(backend.depth)
     loaded: List[Loaded] = []
-    parts: Dict[Tuple[int, int], List[Any]] = {}
+    store: Dict[Tuple[int, int], Any] = {}  # per (block, r): one array [capacity, P, C], filled to `count`
+    count = 0
     digests: List[str] = []
     for chunk in chunks:
         good = [x for x in chunk if x.ok]
         if good:
             for key, f in backend.features(backend.prepare([x.square for x in good]), blocks, scorer.rs).items():
-                parts.setdefault(key, []).append(f)
+                store[key] = _room(backend.knn, store.get(key), count, f, expected)
+                store[key][count:count + len(good)] = f
+            count += len(good)
             digests += [image_digest(x.square) for x in good]
         for x in chunk:
             x.square = None  # only the features are kept for the set
         loaded += chunk
-    ops = backend.knn
     with backend.inference():
-        # one key at a time, so the per-batch pieces and the whole set never coexist
-        grids = scorer.score_set(backend, {k: ops.concat(parts.pop(k)) for k in list(parts)}, digests)
+        grids = scorer.score_set(backend, {k: v[:count] for k, v in store.items()}, digests)
         done = 0
         for s in range(0, len(loaded), batch_size):
             chunk = loaded[s:s + batch_size]
@@ -77,6 +81,18 @@ def _set(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_size: 
                 maps, scores = backend.grid_to_map(grids[done:done + n_ok])
                 done += n_ok
             yield from paired(chunk, maps, scores)
+
+
+def _room(ops: Any, store: Any, used: int, part: Any, expected: Optional[int]) -> Any:
+    """``store`` with room for ``part`` after its first ``used`` rows: allocated once for the ``expected``
+    images when the input's length is known (failed inputs leave rows unused), else grown by doubling."""
+    need = used + part.shape[0]
+    if store is not None and store.shape[0] >= need:
+        return store
+    grown = ops.empty_rows(max(need, expected or 0, 2 * (0 if store is None else store.shape[0])), part)
+    if used:
+        grown[:used] = store[:used]
+    return grown
 
 
 def _stream(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_size: int) -> Iterator[Scored]:
@@ -109,4 +125,4 @@ def _stream(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_siz
     yield from emit()
 
 
-_BY_KIND = {"images": _images, "set": _set, "stream": _stream}
+_BY_KIND = {"images": _images, "stream": _stream}

@@ -68,6 +68,11 @@ def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch
     return DTYPES[dtype]
 
 
+def feature_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype nearest-neighbour features are kept and multiplied in: a half dtype as it is, else fp32."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> Any:
     """The autocast region of a forward in ``dtype`` (nothing for fp32)."""
     if dtype == torch.float32:
