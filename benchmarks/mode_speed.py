@@ -1,7 +1,8 @@
 """Speed and peak memory of the references and batch modes, as ratios to the plain backbone measured in the
 same run, on the same batch, in the same dtype.
 
-    python benchmarks/mode_speed.py [--dtype auto|fp32|bf16] [--size 224] [--counts 64 256 1024] [--compare-with 64]
+    python benchmarks/mode_speed.py [--dtype auto|fp32|bf16] [--feature-dtype fp32|bf16|fp16] [--size 224]
+                                    [--counts 64 256 1024] [--compare-with 64]
 
 - ``references``: 16 reference images; one batch of 8 scored (``Engine.score``: backbone to the feature block,
   nearest reference patches, upsampling, blur) against one full plain backbone forward of that batch (timm's
@@ -39,6 +40,7 @@ from visualad.modes.batch import BatchMode  # noqa: E402
 from visualad.runtime.precision import resolve_dtype  # noqa: E402
 
 BATCH = 8
+FEATURE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHOTS = 16
 
 
@@ -58,7 +60,10 @@ def _images(n: int, size: int, seed: int) -> List[np.ndarray]:
 
 
 def _detector(args: argparse.Namespace) -> AnomalyDetector:
-    return AnomalyDetector.from_pretrained("dinov2-s-imgfocus", device="cpu", dtype=args.dtype, image_size=args.size)
+    det = AnomalyDetector.from_pretrained("dinov2-s-imgfocus", device="cpu", dtype=args.dtype, image_size=args.size)
+    if args.feature_dtype:  # e.g. a bf16 engine's set memory without its (emulated, slow) bf16 forward
+        det.engine.feature_dtype = FEATURE_DTYPES[args.feature_dtype]
+    return det
 
 
 def _plain_forward(det: AnomalyDetector, x: torch.Tensor) -> None:
@@ -112,6 +117,7 @@ def _peak_mib() -> float:
 
 def _spawn(kind: str, args: argparse.Namespace, **extra: Any) -> Dict[str, float]:
     cmd = [sys.executable, __file__, "--child", kind, "--dtype", args.dtype, "--size", str(args.size),
+           "--feature-dtype", args.feature_dtype,
            "--reps", str(args.reps), "--compare-with", str(args.compare_with), "--window", str(args.window)]
     for k, v in extra.items():
         if v is False:
@@ -126,6 +132,8 @@ def _spawn(kind: str, args: argparse.Namespace, **extra: Any) -> Dict[str, float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="auto", help="auto: the detector's default here (bf16 where native)")
+    ap.add_argument("--feature-dtype", default="", choices=["", *FEATURE_DTYPES],
+                    help="keep and multiply the nearest-neighbour features in this dtype (default: the engine's)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--counts", type=int, nargs="+", default=[64, 256, 1024])
@@ -143,7 +151,9 @@ def main() -> None:
         return
 
     resolved = resolve_dtype(args.dtype, torch.device("cpu"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype} ({resolved}), {args.size} px, "
+    features = f", features in {args.feature_dtype}" if args.feature_dtype else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype} ({resolved}){features}, "
+          f"{args.size} px, "
           f"dinov2-s-imgfocus (12 blocks; references and batch stop at block 7)")
     r = _spawn("references", args)
     print(f"references ({SHOTS} refs, batch {BATCH}): {r['ours_s'] * 1e3:.1f} ms/img, plain backbone "
