@@ -2,14 +2,14 @@
 and seeded subsets of N = 16 and 32), image AUROC / pixel AUROC / AUPRO at each image's original resolution.
 
     python benchmarks/modes.py [--data ../shared/data] [--dtype fp32] [--subset-draws 3]
-                               [--feature-dtypes fp32 bf16 fp16]
+                               [--features fp32 fp16 fp16-products ...]
 
 Settings (block 7 of 12, r = 1 and 3, interval fraction 0.1, image score = max, 224 px) were chosen on these
 four categories before this script was written (docs/batch-zero-shot.md); nothing here tunes them. References
 are drawn from each category's train/good exactly as ``visualad eval --shots K`` draws them (seed 42).
-Prints a Markdown table for docs/modes.md. ``--feature-dtypes``: the same table with the nearest-neighbour
-features kept and multiplied in each dtype (the forward stays in ``--dtype``), then the largest difference of any
-metric from the first one's, per mode and category (docs/modes.md, "Precision of the nearest-neighbour core").
+Prints a Markdown table for docs/modes.md. ``--features``: the same table with the nearest-neighbour
+features kept (and with "-products" multiplied) in each dtype, the forward staying in ``--dtype``, then the largest
+difference of any metric from the first one's, per mode and category (docs/modes.md, "Precision").
 """
 from __future__ import annotations
 
@@ -28,10 +28,13 @@ sys.path.insert(0, str(REPO))
 
 from visualad import AnomalyDetector, metrics  # noqa: E402
 from visualad.data.datasets import load_dataset, load_mask  # noqa: E402
+from visualad.modes import knn  # noqa: E402
 from visualad.modes.batch import BatchMode  # noqa: E402
 from visualad.tasks.references import draw_references  # noqa: E402
 
-FEATURE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: --features: the dtype the nearest-neighbour features are kept in, and whether they are multiplied in it
+FEATURES = {"fp32": (torch.float32, False), "fp16": (torch.float16, False), "bf16": (torch.bfloat16, False),
+            "fp16-products": (torch.float16, True), "bf16-products": (torch.bfloat16, True)}
 CATEGORIES = {"tire": "mvtec_3d_ad_tire_rgb", "cookie": "lookout_cookies", "hazelnut": "mvtec_ad_reduced",
               "transistor": "mvtec_ad_reduced"}
 
@@ -77,18 +80,20 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--subset-draws", type=int, default=3, help="seeded draws per subset size N")
-    ap.add_argument("--feature-dtypes", nargs="+", default=None, choices=sorted(FEATURE_DTYPES),
-                    help="tables with the nearest-neighbour features in each dtype, then differences from the first")
+    ap.add_argument("--features", nargs="+", default=None, choices=sorted(FEATURES),
+                    help="tables with the nearest-neighbour features kept in each dtype (\"-products\": multiplied "
+                         "in it too, CUDA's rule, emulated on this CPU: slow), then differences from the first")
     args = ap.parse_args()
     det = AnomalyDetector.from_pretrained(device="cpu", dtype=args.dtype)
     cats = list(CATEGORIES)
     tables = {}
     t0 = time.perf_counter()
-    for name in args.feature_dtypes or [None]:
+    for name in args.features or [None]:
         if name is not None:
-            det.engine.feature_dtype = FEATURE_DTYPES[name]
+            det.engine.feature_dtype, half_products = FEATURES[name]
+            knn.HALF_PRODUCT_DEVICES = ("cuda", "cpu") if half_products else ("cuda",)
         rows = tables[name] = table(det, args.data, args.subset_draws)
-        print(f"\n{args.dtype} forward, features in {name or det.engine.feature_dtype}:" if name else "")
+        print(f"\n{args.dtype} forward, features {name}:" if name else "")
         print("| mode | " + " | ".join(cats) + " | mean |")
         print("|---" * (len(cats) + 2) + "|")
         for mode, per in rows.items():
@@ -98,7 +103,7 @@ def main() -> None:
                   + f" | **{mean['i']:.3f} / {mean['p']:.3f} / {mean['pro']:.3f}** |", flush=True)
     names = list(tables)
     for name in names[1:]:  # the largest |difference| of image AUROC, pixel AUROC or AUPRO from the first
-        print(f"\nfeatures in {name} against {names[0]}: the largest difference of any metric")
+        print(f"\nfeatures {name} against {names[0]}: the largest difference of any metric")
         print("| mode | " + " | ".join(cats) + " |")
         print("|---" * (len(cats) + 1) + "|")
         for mode, per in tables[name].items():

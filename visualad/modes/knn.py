@@ -5,11 +5,13 @@ over the patch grid (zero padding), L2 normalisation; one copy per r. Distances 
 vectors, ``sqrt(2 - 2 cos)``, computed as matrix products in chunks so that memory stays bounded whatever the
 number of images.
 
-The products run in the queries' dtype. fp32 features give the exact fp32 function. Half features (bf16 or
-fp16: what an engine in that dtype keeps) take the product in that dtype only to find each patch's nearest
-patch; that pair's similarity is then recomputed as an fp32 dot product (:func:`nearest_similarities`), so a
-distance is never a rounded bf16 product (2^-8 near cos 0.9, 1% of the distance), only the dot product of the
-two stored rows.
+fp32 features give the exact fp32 function. Half features (fp16: what a bf16 or fp16 engine keeps, half the
+memory) are multiplied in fp16 on the devices of :data:`HALF_PRODUCT_DEVICES` (CUDA), and there the product
+only picks each patch's few nearest candidates: their similarities are recomputed as fp32 dot products of the
+stored rows (:func:`nearest_similarities`), so no distance is a rounded half product. Elsewhere half features
+are upcast block by block and multiplied in fp32 (a CPU's fp16 product is emulated on most CPUs). Measured on
+shared/data (docs/modes.md, "Precision"): fp16 rows moved no metric by more than 1e-4 on tire, bf16 rows moved
+tire's image AUROC by 0.005, so the compact dtype is fp16 whatever the engine's half dtype.
 """
 from __future__ import annotations
 
@@ -47,26 +49,41 @@ def to_distance(sim: torch.Tensor) -> torch.Tensor:
 
 
 HALF = (torch.bfloat16, torch.float16)
+#: device types whose half features are multiplied in their dtype (elsewhere: upcast to fp32 first)
+HALF_PRODUCT_DEVICES: Tuple[str, ...] = ("cuda",)
 
 
-def _dots(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """fp32 dot products of the rows of ``a`` [..., P, C] with the rows ``index`` [..., P] of ``b`` [..., Q, C]."""
-    picked = b.gather(-2, index.unsqueeze(-1).expand(*index.shape, b.shape[-1]))
-    return (a.float() * picked.float()).sum(dim=-1)
+#: nearest-row candidates a half product keeps per row; their fp32 similarities decide (a half product's
+#: rounding can reorder rows whose similarities differ by less than its spacing, 2^-11 near 1 in fp16)
+CANDIDATES = 4
+
+
+def _best_dot(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The largest fp32 dot product of each row of ``a`` [..., P, C] with its candidate rows ``index``
+    [..., P, K] of ``b`` [..., Q, C] -> [..., P]."""
+    c = b.shape[-1]
+    flat = index.reshape(*index.shape[:-2], -1)  # [..., P * K]
+    picked = b.gather(-2, flat.unsqueeze(-1).expand(*flat.shape, c)).reshape(*index.shape, c)
+    return (a.float().unsqueeze(-2) * picked.float()).sum(dim=-1).amax(dim=-1)
 
 
 def nearest_similarities(a: torch.Tensor, b: torch.Tensor, both: bool = False) -> Tuple[torch.Tensor, ...]:
     """Batched [..., P, C] x [..., Q, C] (unit rows) -> the fp32 similarity of each row of ``a`` to its nearest
     row of ``b`` [..., P] (and, with ``both``, of each row of ``b`` to its nearest row of ``a``, [..., Q]).
 
-    fp32 inputs: the maxima of one fp32 product. Half inputs: the product in their dtype picks each nearest row,
-    and the similarity of that pair is an fp32 dot product (a tie within the half product's rounding may pick
-    the other of two nearly equal rows; the value is then that row's exact similarity)."""
+    fp32 inputs (and half inputs off :data:`HALF_PRODUCT_DEVICES`, upcast): the maxima of one fp32 product. Half
+    inputs on those devices: the product in their dtype picks :data:`CANDIDATES` nearest rows, and the largest
+    fp32 dot product among them is the similarity (always that of a real pair of stored rows; below the exact
+    maximum only when more rows than that tie within the half product's rounding)."""
+    if a.dtype in HALF and a.device.type not in HALF_PRODUCT_DEVICES:
+        a, b = a.float(), b.float()
     sim = torch.matmul(a, b.transpose(-1, -2))
     if a.dtype not in HALF:
         return (sim.amax(dim=-1), sim.amax(dim=-2)) if both else (sim.amax(dim=-1),)
-    rows = _dots(a, b, sim.argmax(dim=-1))
-    return (rows, _dots(b, a, sim.argmax(dim=-2))) if both else (rows,)
+    rows = _best_dot(a, b, sim.topk(min(CANDIDATES, sim.shape[-1]), dim=-1).indices)
+    if not both:
+        return (rows,)
+    return rows, _best_dot(b, a, sim.topk(min(CANDIDATES, sim.shape[-2]), dim=-2).indices.transpose(-1, -2))
 
 
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:

@@ -34,9 +34,9 @@ class Engine:
                  dtype: Union[str, torch.dtype] = "auto") -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        #: the dtype of the unit patch features the nearest-neighbour modes keep and multiply (a set's features
-        #: between the forward and the scoring, a batch's queries): the engine's dtype when it is bf16 or fp16
-        #: (half the memory, products in that dtype), else fp32, the exact function (:mod:`visualad.modes.knn`)
+        #: the dtype of the unit patch features the nearest-neighbour modes keep (a set's features between the
+        #: forward and the scoring, a batch's queries): fp16 for a bf16 or fp16 engine (half the memory; fp16
+        #: products on CUDA), else fp32, the exact function (:mod:`visualad.modes.knn`)
         self.feature_dtype = feature_dtype_for(self.dtype)
         self.model = model.to(self.device).eval()
         #: forwards run so far (batches through the model or the backbone): tests count work with it
