@@ -5,13 +5,13 @@ over the patch grid (zero padding), L2 normalisation; one copy per r. Distances 
 vectors, ``sqrt(2 - 2 cos)``, computed as matrix products in chunks so that memory stays bounded whatever the
 number of images.
 
-fp32 features give the exact fp32 function. Half features (fp16: what a bf16 or fp16 engine keeps, half the
-memory) are multiplied in fp16 on the devices of :data:`HALF_PRODUCT_DEVICES` (CUDA), and there the product
-only picks each patch's few nearest candidates: their similarities are recomputed as fp32 dot products of the
-stored rows (:func:`nearest_similarities`), so no distance is a rounded half product. Elsewhere half features
+fp32 features give the exact fp32 function. Half features (fp16: the set features a bf16 or fp16 engine keeps,
+half the memory) are multiplied in fp16 on the devices of :data:`HALF_PRODUCT_DEVICES` (CUDA), and there the
+product only picks each patch's few nearest candidates: their similarities are recomputed as fp32 dot products of
+the stored rows (:func:`nearest_similarities`), so no distance is a rounded half product. Elsewhere half features
 are upcast block by block and multiplied in fp32 (a CPU's fp16 product is emulated on most CPUs). Measured on
-shared/data (docs/modes.md, "Precision"): fp16 rows moved no metric by more than 1e-4 on tire, bf16 rows moved
-tire's image AUROC by 0.005, so the compact dtype is fp16 whatever the engine's half dtype.
+shared/data (docs/modes.md, "Precision"): bf16 rows moved batch mode's metrics by up to 0.005, fp16 rows by at
+most 0.002, so the compact dtype is fp16 whatever the engine's half dtype.
 """
 from __future__ import annotations
 

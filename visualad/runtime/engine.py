@@ -34,9 +34,10 @@ class Engine:
                  dtype: Union[str, torch.dtype] = "auto") -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        #: the dtype of the unit patch features the nearest-neighbour modes keep (a set's features between the
-        #: forward and the scoring, a batch's queries): fp16 for a bf16 or fp16 engine (half the memory; fp16
-        #: products on CUDA), else fp32, the exact function (:mod:`visualad.modes.knn`)
+        #: the dtype a set's unit patch features are kept in between the forward and the mutual scoring (batch
+        #: and stream mode): fp16 for a bf16 or fp16 engine (half the memory; fp16 products on CUDA), else fp32,
+        #: the exact function (:mod:`visualad.modes.knn`). References mode keeps fp32: its bank is small, and
+        #: fp16 queries moved one metric by 0.0024 (docs/modes.md, "Precision")
         self.feature_dtype = feature_dtype_for(self.dtype)
         self.model = model.to(self.device).eval()
         #: forwards run so far (batches through the model or the backbone): tests count work with it
@@ -107,7 +108,8 @@ class Engine:
 
     def features(self, batch: torch.Tensor, blocks: Sequence[int], rs: Sequence[int]
                  ) -> Dict[Tuple[int, int], torch.Tensor]:
-        """Unit patch features (LNAMD) per (block, r) of a prepared batch, each [B, N, C] in ``feature_dtype``."""
+        """Unit patch features (LNAMD) per (block, r) of a prepared batch for a set or a stream, each [B, N, C]
+        in ``feature_dtype``."""
         feats = self.backbone_features(batch, blocks)
         with torch.inference_mode():
             return {(b, r): knn.lnamd(f, r).to(self.feature_dtype) for b, f in zip(blocks, feats) for r in rs}
@@ -116,8 +118,7 @@ class Engine:
         if bank.image_size != self.image_size:
             raise ConfigError(f"the reference bank was built at {bank.image_size} px and the model runs at "
                               f"{self.image_size} px: set the references again")
-        queries = bank.query(self.model.backbone_features(batch, bank.blocks))
-        return bank.grid({k: q.to(self.feature_dtype) for k, q in queries.items()}, exclude=exclude)
+        return bank.grid(bank.query(self.model.backbone_features(batch, bank.blocks)), exclude=exclude)
 
     def grid_to_map(self, grids: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
         """Patch grids [B, P] or [B, g, g] -> host smoothed maps [B, S, S] and their maxima [B]."""

@@ -69,8 +69,9 @@ def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch
 
 
 def feature_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """The dtype nearest-neighbour features are kept in: fp16 for a bf16 or fp16 engine (bf16's 8-bit mantissa
-    moved metrics by 0.005, fp16's by under 1e-4: docs/modes.md), else fp32 (the exact function)."""
+    """The dtype a set's nearest-neighbour features are kept in: fp16 for a bf16 or fp16 engine (bf16's 8-bit
+    mantissa moved batch mode's metrics by up to 0.005, fp16's by at most 0.002: docs/modes.md), else fp32 (the
+    exact function)."""
     return torch.float16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
