@@ -359,10 +359,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         decisions = counts.point or "no threshold, so no decisions"
         print(f"visualad predict: {decisions}" + (f"; next: {counts.next_step}" if counts.next_step else ""),
               file=sys.stderr)
-    failed = counts.failed
-    if failed:
+    if counts.failed:
         if args.quiet:
-            print(f"visualad predict: {failed} of {len(inputs)} inputs failed (see the 'error' fields)",
+            print(f"visualad predict: {counts.failed} of {len(inputs)} inputs failed (see the 'error' fields)",
                   file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK

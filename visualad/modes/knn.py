@@ -107,8 +107,7 @@ def distances_to_images(query: torch.Tensor, images: torch.Tensor,
     out = torch.empty(w, query.shape[0], device=query.device, dtype=torch.float32)
     block = max(1, chunk_elements // max(1, query.shape[0] * n))
     for s in range(0, w, block):
-        part = images[s:s + block]
-        out[s:s + block] = nearest_similarities(query.expand(part.shape[0], -1, -1), part)[0]
+        out[s:s + block] = nearest_similarities(query, images[s:s + block])[0]  # [P, C] against [b, Q, C]
     return to_distance(out)
 
 
