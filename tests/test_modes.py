@@ -65,17 +65,25 @@ def test_half_features_pick_the_nearest_in_half_and_give_its_fp32_similarity(hal
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
-def test_a_half_engine_keeps_fp16_features_and_an_fp32_engine_fp32(tiny_detector):
+def test_auto_and_half_engines_keep_fp16_features_and_fp32_by_name_keeps_the_exact_fp32(tiny_detector):
     from visualad.runtime.precision import feature_dtype_for
 
-    assert feature_dtype_for(torch.bfloat16) == feature_dtype_for(torch.float16) == torch.float16
-    assert feature_dtype_for(torch.float32) == torch.float32
+    assert feature_dtype_for("auto", torch.float32) == feature_dtype_for("auto", torch.bfloat16) == torch.float16
+    assert feature_dtype_for("bf16", torch.bfloat16) == feature_dtype_for(torch.float16, torch.float16) == torch.float16
+    assert feature_dtype_for("fp32", torch.float32) == feature_dtype_for(torch.float32, torch.float32) == torch.float32
     engine = tiny_detector.engine
     x = engine.prepare(_images(2))
-    for dtype, want in (("fp32", torch.float32), ("bf16", torch.float16)):
+    for dtype, want in (("fp32", torch.float32), ("bf16", torch.float16), ("auto", torch.float16)):
         engine.to("cpu", dtype)
         assert {f.dtype for f in engine.features(x, (2,), (1, 3)).values()} == {want}
+    images = _images(10, seed=4)
+    engine.to("cpu", "auto")
+    assert tiny_detector.with_fresh_head().engine.feature_dtype == torch.float16  # a rebuilt engine asks alike
+    compact = [s for _, _, s in engine.run(images, BatchMode(), batch_size=4)]
     engine.to("cpu", "fp32")
+    exact = [s for _, _, s in engine.run(images, BatchMode(), batch_size=4)]
+    assert compact != exact  # the features were rounded ...
+    np.testing.assert_allclose(compact, exact, atol=2e-3, rtol=0)  # ... by fp16's 2^-11, not more
 
 
 def test_a_set_is_stored_once_whether_its_length_is_known_or_not(tiny_detector):

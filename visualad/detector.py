@@ -89,7 +89,7 @@ class AnomalyDetector(Predictor):
         scratch rather than from this model's head."""
         from .store import fresh_head
 
-        return type(self)(fresh_head(self.model, seed), device=self.device, dtype=self.dtype)
+        return type(self)(fresh_head(self.model, seed), device=self.device, dtype=self.engine.requested_dtype)
 
     @classmethod
     def from_pretrained(cls, name_or_path: Optional[PathLike] = None, device: Union[str, torch.device] = "auto",
@@ -185,7 +185,8 @@ class AnomalyDetector(Predictor):
             self.to(kwargs.pop("device"))
         size = kwargs.pop("image_size", None)
         if size is not None and int(size) != self.config.image_size:
-            self.engine = Engine(resize_model(self.model, int(size)), device=self.device, dtype=self.dtype)
+            self.engine = Engine(resize_model(self.model, int(size)), device=self.device,
+                                 dtype=self.engine.requested_dtype)
             if self.references is not None:
                 logger.warning("the references were set at the old size and are dropped: set them again")
                 self.references = None

@@ -5,11 +5,12 @@ over the patch grid (zero padding), L2 normalisation; one copy per r. Distances 
 vectors, ``sqrt(2 - 2 cos)``, computed as matrix products in chunks so that memory stays bounded whatever the
 number of images.
 
-fp32 features give the exact fp32 function. Half features (fp16: the set features a bf16 or fp16 engine keeps,
-half the memory) are multiplied in fp16 on the devices of :data:`HALF_PRODUCT_DEVICES` (CUDA), and there the
-product only picks each patch's few nearest candidates: their similarities are recomputed as fp32 dot products of
-the stored rows (:func:`nearest_similarities`), so no distance is a rounded half product. Elsewhere half features
-are upcast block by block and multiplied in fp32 (a CPU's fp16 product is emulated on most CPUs). Measured on
+fp32 features give the exact fp32 function. Half features (fp16: the set features an engine keeps under
+dtype="auto" or in bf16 or fp16, half the memory) are multiplied in fp16 on the devices of
+:data:`HALF_PRODUCT_DEVICES` (CUDA), and there the product only picks each patch's few nearest candidates: their
+similarities are recomputed as fp32 dot products of the stored rows (:func:`nearest_similarities`), so no distance
+is a rounded half product. Elsewhere half features are upcast block by block and multiplied in fp32 (a CPU's fp16
+product is emulated on most CPUs). Measured on
 shared/data (docs/modes.md, "Precision"): bf16 rows moved batch mode's metrics by up to 0.005, fp16 rows by at
 most 0.002, so the compact dtype is fp16 whatever the engine's half dtype.
 """
@@ -53,6 +54,11 @@ HALF = (torch.bfloat16, torch.float16)
 HALF_PRODUCT_DEVICES: Tuple[str, ...] = ("cuda",)
 
 
+def _for_product(rows: torch.Tensor) -> torch.Tensor:
+    """Rows as :func:`nearest_similarities` multiplies them: half rows off :data:`HALF_PRODUCT_DEVICES` upcast."""
+    return rows.float() if rows.dtype in HALF and rows.device.type not in HALF_PRODUCT_DEVICES else rows
+
+
 #: nearest-row candidates a half product keeps per row; their fp32 similarities decide (a half product's
 #: rounding can reorder rows whose similarities differ by less than its spacing, 2^-11 near 1 in fp16)
 CANDIDATES = 4
@@ -75,8 +81,7 @@ def nearest_similarities(a: torch.Tensor, b: torch.Tensor, both: bool = False) -
     inputs on those devices: the product in their dtype picks :data:`CANDIDATES` nearest rows, and the largest
     fp32 dot product among them is the similarity (always that of a real pair of stored rows; below the exact
     maximum only when more rows than that tie within the half product's rounding)."""
-    if a.dtype in HALF and a.device.type not in HALF_PRODUCT_DEVICES:
-        a, b = a.float(), b.float()
+    a, b = _for_product(a), _for_product(b)
     sim = torch.matmul(a, b.transpose(-1, -2))
     if a.dtype not in HALF:
         return (sim.amax(dim=-1), sim.amax(dim=-2)) if both else (sim.amax(dim=-1),)
@@ -135,17 +140,19 @@ def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: in
     block = chunk_images or max(1, PAIR_BLOCK_ELEMENTS // max(1, p * p))
     idx = torch.arange(n, device=features.device)
     order = idx if order is None else torch.as_tensor(order, device=features.device)
-    slot = 0
-    for d in both + forward:
-        for s in range(0, n, block):
-            rows = idx[s:s + block]
+    for s in range(0, n, block):
+        rows = idx[s:s + block]
+        mine = _for_product(features[order[rows]])  # gathered (and upcast) once for all offsets
+        slot = 0
+        for d in both + forward:
             partners = (rows + d) % n
-            near = nearest_similarities(features[order[rows]], features[order[partners]], both=d in both)
+            near = nearest_similarities(mine, _for_product(features[order[partners]]), both=d in both)
             out[rows, slot] = to_distance(near[0])
             if d in both:
                 out[partners, slot + 1] = to_distance(near[1])
-        slot += 2 if d in both else 1
+            slot += 2 if d in both else 1
     return out
+
 
 
 def without_rows(bank: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -68,11 +68,14 @@ def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch
     return DTYPES[dtype]
 
 
-def feature_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a set's nearest-neighbour features are kept in: fp16 for a bf16 or fp16 engine (bf16's 8-bit
-    mantissa moved batch mode's metrics by up to 0.005, fp16's by at most 0.002: docs/modes.md), else fp32 (the
-    exact function)."""
-    return torch.float16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
+def feature_dtype_for(requested: Union[str, torch.dtype], dtype: torch.dtype) -> torch.dtype:
+    """The dtype a set's nearest-neighbour features are kept in, for an engine asked for ``requested`` and
+    running in ``dtype``: fp16 under "auto" and for a bf16 or fp16 engine (half the memory; fp16 moved batch
+    mode's metrics by at most 0.002, bf16's 8-bit mantissa by up to 0.005: docs/modes.md); fp32 only when fp32
+    is asked for by name, which keeps the exact function."""
+    if requested == "auto" or dtype in (torch.bfloat16, torch.float16):
+        return torch.float16
+    return torch.float32
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> Any:
