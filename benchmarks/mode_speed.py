@@ -1,8 +1,8 @@
 """Speed and peak memory of the references and batch modes, as ratios to the plain backbone measured in the
 same run, on the same batch, in the same dtype.
 
-    python benchmarks/mode_speed.py [--dtype auto|fp32|bf16] [--feature-dtype fp32|bf16|fp16] [--size 224]
-                                    [--counts 64 256 1024] [--compare-with 64]
+    python benchmarks/mode_speed.py [--device cpu|cuda] [--dtype auto|fp32|bf16] [--feature-dtype fp32|bf16|fp16]
+                                    [--size 224] [--counts 64 256 1024] [--compare-with 64]
 
 - ``references``: 16 reference images; one batch of 8 scored (``Engine.score``: backbone to the feature block,
   nearest reference patches, upsampling, blur) against one full plain backbone forward of that batch (timm's
@@ -38,19 +38,26 @@ sys.path.insert(0, str(REPO))
 
 from visualad import AnomalyDetector  # noqa: E402
 from visualad.modes.batch import BatchMode  # noqa: E402
-from visualad.runtime.precision import resolve_dtype  # noqa: E402
+from visualad.runtime.precision import resolve_device, resolve_dtype  # noqa: E402
 
 BATCH = 8
 FEATURE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHOTS = 16
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _median_time(fn: Callable[[], Any], reps: int) -> float:
     fn()
     times = []
     for _ in range(reps):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -79,7 +86,8 @@ class _LazyImages(Sequence):
 
 
 def _detector(args: argparse.Namespace) -> AnomalyDetector:
-    det = AnomalyDetector.from_pretrained("dinov2-s-imgfocus", device="cpu", dtype=args.dtype, image_size=args.size)
+    det = AnomalyDetector.from_pretrained("dinov2-s-imgfocus", device=args.device, dtype=args.dtype,
+                                          image_size=args.size)
     if args.feature_dtype:  # e.g. a bf16 engine's set memory without its (emulated, slow) bf16 forward
         det.engine.feature_dtype = FEATURE_DTYPES[args.feature_dtype]
     return det
@@ -115,9 +123,15 @@ def child_batch(args: argparse.Namespace) -> Dict[str, float]:
             pass
 
     run(_LazyImages(2 * BATCH, args.size, 5))  # warm-up, as the plain forward's timing has (threads, allocator)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    _sync()
     t = time.perf_counter()
     run(images)  # one run: N = 1024 takes minutes on two cores
+    _sync()
     out["ours_s"] = (time.perf_counter() - t) / args.n
+    if torch.cuda.is_available():
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
@@ -127,6 +141,7 @@ def child_stream(args: argparse.Namespace) -> Dict[str, float]:
     x = det.engine.prepare(images[:1])
     plain = _median_time(lambda: _plain_forward(det, x), args.reps)
     stamps = [time.perf_counter() for _ in det.stream(images, window=args.window, warmup=16, batch_size=1)]
+    # (each result is on the host when it is yielded, so no extra synchronisation is needed on CUDA)
     full = args.window  # from here on every image meets a full window
     return {"plain_s": plain, "ours_s": (stamps[-1] - stamps[full]) / (len(stamps) - 1 - full)}
 
@@ -136,7 +151,8 @@ def _peak_mib() -> float:
 
 
 def _spawn(kind: str, args: argparse.Namespace, **extra: Any) -> Dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", kind, "--dtype", args.dtype, "--size", str(args.size),
+    cmd = [sys.executable, __file__, "--child", kind, "--device", args.device, "--dtype", args.dtype,
+           "--size", str(args.size),
            "--feature-dtype", args.feature_dtype,
            "--reps", str(args.reps), "--compare-with", str(args.compare_with), "--window", str(args.window)]
     for k, v in extra.items():
@@ -151,6 +167,7 @@ def _spawn(kind: str, args: argparse.Namespace, **extra: Any) -> Dict[str, float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu (the default), or cuda in a GPU session")
     ap.add_argument("--dtype", default="auto", help="auto: the detector's default here (bf16 where native)")
     ap.add_argument("--feature-dtype", default="", choices=["", *FEATURE_DTYPES],
                     help="keep and multiply the nearest-neighbour features in this dtype (default: the engine's)")
@@ -170,9 +187,11 @@ def main() -> None:
         print(json.dumps(res))
         return
 
-    resolved = resolve_dtype(args.dtype, torch.device("cpu"))
+    device = resolve_device(args.device)
+    resolved = resolve_dtype(args.dtype, device)
     features = f", features in {args.feature_dtype}" if args.feature_dtype else ""
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype} ({resolved}){features}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {args.dtype} ({resolved}){features}, "
           f"{args.size} px, "
           f"dinov2-s-imgfocus (12 blocks; references and batch stop at block 7)")
     r = _spawn("references", args)
@@ -184,6 +203,8 @@ def main() -> None:
         per_image[n] = b["ours_s"]
         line = f"batch N={n:5d}, compare_with={args.compare_with}: {b['ours_s'] * 1e3:.1f} ms/img, " \
                f"peak RSS {b['peak_mib']:.0f} MiB ({b['loaded_mib']:.0f} with the model loaded)"
+        if "cuda_peak_mib" in b:
+            line += f", peak CUDA memory {b['cuda_peak_mib']:.0f} MiB"
         if "plain_s" in b:
             line += f"; plain backbone {b['plain_s'] * 1e3:.1f} ms/img, ratio {b['ours_s'] / b['plain_s']:.3f} " \
                     "(target <= 1.0)"

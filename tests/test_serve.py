@@ -122,8 +122,17 @@ def test_concurrent_clients_share_forwards_and_batch_mode_stays_in_one_request(d
 def test_references_and_calibration_from_normal_images(det):
     normals = [_png(200 + i) for i in range(5)]
     with running(create_app(det)) as url:
-        code, body = post_files(url + "/references", [(f"n{i}.png", b) for i, b in enumerate(normals)])
-        assert code == 200 and body["references"] == 5
+        parts = [(f"n{i}.png", b) for i, b in enumerate(normals)]
+        code, body = post_files(url + "/references?calibrate=false", parts)
+        assert code == 200 and body == {"references": 5}  # no threshold asked for, none held
+        assert post_files(url + "/predict", [("x.png", _png(300))])[1]["results"][0]["label"] is None
+        code, body = post_files(url + "/references", parts)  # as `visualad predict --references`: they set one
+        assert code == 200 and body["references"] == 5 and body["image_threshold"] is not None
+        assert "calibrated on 5 references, each scored against the others" in body["operating_point"]
+        assert "only 5 normal images" in body["warning"] and "these images are the references" in body["warning"]
+        self_set = body["image_threshold"]
+        row = post_files(url + "/predict", [("x.png", _png(300))])[1]["results"][0]
+        assert row["mode"] == "references" and row["threshold"] == self_set and isinstance(row["label"], bool)
         code, body = post_files(url + "/calibrate?mode=references", [("n0.png", normals[0])])
         assert code == 400 and "at least 5 normal images, got 1" in body["error"]  # one score is no threshold
         code, body = post_files(url + "/calibrate?mode=references", [(f"n{i}.png", b) for i, b in enumerate(normals)])
@@ -132,9 +141,13 @@ def test_references_and_calibration_from_normal_images(det):
         # the 99.5th percentile of 5 scores lies between the two highest: at most 2 of 6 normal parts
         assert "calibrated on 5 references, each scored against the others (false alarms expected at most 33%" \
             in body["operating_point"]
+        calibrated = body["image_threshold"]
+        assert calibrated != self_set  # the 99.5th percentile, not the self-set 5% false alarms
         code, body = post_files(url + "/predict", [("x.png", _png(300))])
         row = body["results"][0]
-        assert row["mode"] == "references" and isinstance(row["label"], bool) and row["threshold"] is not None
+        assert row["mode"] == "references" and isinstance(row["label"], bool) and row["threshold"] == calibrated
+        code, body = post_files(url + "/references", parts)  # the same references: the thresholds they hold stay
+        assert code == 200 and body["image_threshold"] == calibrated
 
 
 def test_the_page_in_a_headless_browser(det, tmp_path):
@@ -155,6 +168,11 @@ def test_the_page_in_a_headless_browser(det, tmp_path):
         assert "part.png" in browser.find_element(By.ID, "results").text
         browser.save_screenshot(str(tmp_path / "page.png"))
         assert Path(tmp_path / "page.png").stat().st_size > 1000
+        browser.find_element(By.ID, "as-references").click()  # the image shown becomes the reference ...
+        WebDriverWait(browser, 60).until(lambda b: "references set" in b.find_element(By.ID, "status").text)
+        assert browser.find_element(By.ID, "status").text.startswith("1 references set; threshold from them: ")
+        assert "these images are the references" in browser.find_element(By.ID, "warning").text  # ... and sets it
+        assert det.has_thresholds("references")
 
 
 def test_visualad_serve_answers_then_exits_0_on_sigterm(det, tmp_path):

@@ -52,6 +52,10 @@ def beta_quantile(a: int, b: int, q: float) -> float:
     return hi
 
 
+#: ``OperatingPoint.calibrated_on`` of a threshold the references set from their own leave-one-out scores
+SELF_CALIBRATED = "references, each scored against the others"
+
+
 @dataclass
 class OperatingPoint:
     """A threshold and what it means: ``describe()`` is the line the summary, rows and pictures carry."""
@@ -68,7 +72,7 @@ class OperatingPoint:
     target_recall: Optional[float] = None
     warning: Optional[str] = None
     exact: bool = True  # the threshold is one of the normal scores: ``expected_rate`` is the expectation itself
-    calibrated_on: str = "normals"  # what the n normal scores are ("references, ..." when they set themselves)
+    calibrated_on: str = "normals"  # what the n normal scores are (SELF_CALIBRATED when the references set it)
 
     def describe(self) -> str:
         asked = {"false_alarm": f"threshold for {_pct(self.false_alarm_rate)} false alarms",

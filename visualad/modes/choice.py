@@ -12,8 +12,8 @@ logger = logging.getLogger(__name__)
 MIN_IMAGES = 4  # batch mode on fewer: a typed error
 WARN_BELOW = 16  # below: quality drops by 0.03-0.10 image AUROC (docs/batch-zero-shot.md)
 #: "auto" scores a set in batch mode up to this many images at once (features are held for the whole set:
-#: about 0.8 MB an image for ViT-S at 224 px in fp32, 0.4 MB in bf16); larger inputs are scored by the head with
-#: a warning
+#: about 0.4 MB an image for ViT-S at 224 px in fp16 under dtype="auto", 0.8 MB with dtype="fp32"); larger inputs
+#: are scored by the head with a warning
 AUTO_BATCH_MAX = 4096
 #: what to do when the head is untrained (a backbone alone, or from_backbone before finetune)
 UNTRAINED_HEAD_HELP = (f"give a few normal images of the product (set_references / --references), or {MIN_IMAGES} or "

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data import images as imio
 from ..data.images import image_digest
 from ..errors import ConfigError, ImageTooLargeError, VisualADError
+from ..operating import SELF_CALIBRATED
 from ..predictor import Predictor
 from ..runtime.postprocess import operating_point
 from ..runtime.readahead import load_one
@@ -47,6 +48,20 @@ logger = logging.getLogger(__name__)
 #: /calibrate sets a threshold from the scores of this many normal images at least (one image's score is no
 #: threshold); below WARN_CALIBRATION_IMAGES the answer carries a warning the page shows
 MIN_CALIBRATION_IMAGES, WARN_CALIBRATION_IMAGES = 5, 20
+
+
+def _warn(answer: Dict[str, Any], images: int, own_references: bool) -> None:
+    """Add the ``warning`` the page shows when a threshold rests on few images or on the references' own scores."""
+    warnings = []
+    if images < WARN_CALIBRATION_IMAGES:
+        warnings.append(f"calibrated on only {images} normal images; {WARN_CALIBRATION_IMAGES} or more give a "
+                        "steadier threshold")
+    if own_references:  # leave-one-out scores each against one reference fewer than new parts get
+        warnings.append("these images are the references: each was scored against the others only, with one "
+                        "reference fewer than a new part gets, so the threshold errs high (more defects "
+                        "missed); calibrate on other good parts when you can")
+    if warnings:
+        answer["warning"] = "; ".join(warnings)
 
 
 def create_app(detector: Predictor, model_name: str = "visualad", token: Optional[str] = None, max_batch_size: int = 8,
@@ -228,15 +243,29 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
         return {"results": await run_in_threadpool(score, files, mode, overlay == "png")}
 
     @app.post("/references")
-    async def references(request: Request) -> Any:
+    async def references(request: Request, calibrate: bool = True) -> Any:
+        """Normal images become the references; unless ``calibrate=false`` or the model already holds thresholds
+        for them, they set their own (leave-one-out, as ``visualad predict --references`` does)."""
         files = await read_uploads(request, limit, max_images)
 
-        def build() -> int:
+        def build() -> Dict[str, Any]:
             with decoded(files, keep_image=False) as loaded, settings_lock:
-                detector.set_references([x.square for x in loaded])
-                return detector.references.shots
+                detector.set_references([x.square for x in loaded], calibrate=calibrate)
+                answer: Dict[str, Any] = {"references": detector.references.shots}
+                if detector.has_thresholds("references"):
+                    cfg = detector.config
+                    stats = cfg.score_stats or {}
+                    answer.update(image_threshold=cfg.image_threshold, pixel_threshold=cfg.pixel_threshold,
+                                  operating_point=operating_point(stats))
+                    point = stats.get("operating_point")
+                    if isinstance(point, dict) and point.get("calibrated_on") == SELF_CALIBRATED:
+                        _warn(answer, int(stats["n_normal"]), own_references=True)
+                return answer
 
-        return {"references": await run_in_threadpool(build)}
+        try:
+            return await run_in_threadpool(build)
+        except VisualADError as exc:
+            raise RequestError(400, str(exc)) from None
 
     @app.post("/calibrate")
     async def calibrate(request: Request, mode: str = "auto") -> Any:
@@ -261,16 +290,7 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
             answer, own_references = await run_in_threadpool(run)
         except VisualADError as exc:
             raise RequestError(400, str(exc)) from None
-        warnings = []
-        if answer["images"] < WARN_CALIBRATION_IMAGES:
-            warnings.append(f"calibrated on only {answer['images']} normal images; {WARN_CALIBRATION_IMAGES} or "
-                            "more give a steadier threshold")
-        if own_references:  # leave-one-out scores each against one reference fewer than new parts get
-            warnings.append("these images are the references: each was scored against the others only, with one "
-                            "reference fewer than a new part gets, so the threshold errs high (more defects "
-                            "missed); calibrate on other good parts when you can")
-        if warnings:
-            answer["warning"] = "; ".join(warnings)
+        _warn(answer, answer["images"], own_references)
         return answer
 
     @app.get("/", response_class=HTMLResponse)

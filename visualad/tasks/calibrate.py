@@ -29,7 +29,8 @@ import numpy as np
 from ..config import VisualADConfig
 from ..data.masks import read_mask, resize_mask
 from ..errors import ConfigError
-from ..operating import OperatingPoint, describe_threshold, false_alarm_threshold, kept_scores, recall_threshold
+from ..operating import (SELF_CALIBRATED, OperatingPoint, describe_threshold, false_alarm_threshold, kept_scores,
+                         recall_threshold)
 from ..data.images import image_digest
 from ..progress import progress_bar
 from ..runtime import pipeline
@@ -144,7 +145,7 @@ def calibrate(backend: Any, mode: Any, config: VisualADConfig, normal_images: Se
                                f1_threshold(scores, labels) if labels.any() else None, false_alarm_rate,
                                target_recall)
     if held_out == len(normal_only):  # the references set their own threshold
-        points = {k: replace(p, calibrated_on="references, each scored against the others") for k, p in points.items()}
+        points = {k: replace(p, calibrated_on=SELF_CALIBRATED) for k, p in points.items()}
     chosen = points[operating_point]
     image_thr = chosen.threshold
     if chosen.warning:

@@ -137,7 +137,12 @@ drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.ad
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); score(e.dataTransfer.files); });
 $("as-references").addEventListener("click", async () => {
-  try { const r = await post("/references", last); status(`${r.references} references set`); await model(); }
+  try {
+    const r = await post("/references", last);
+    status(`${r.references} references set` + (r.operating_point ? `; threshold from them: ${r.operating_point}` : ""));
+    warning(r.warning);
+    await model();
+  }
   catch (e) { status("error: " + e.message); }
 });
 $("calibrate").addEventListener("click", async () => {
