@@ -25,6 +25,37 @@ def _images(n, seed=0, size=56):
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def test_products_stay_in_their_inputs_dtype_inside_a_bf16_autocast_region():
+    """References mode scores inside the engine's autocast region; its fp32 rows must not be rounded to bf16."""
+    q, b = _unit(300, 64, seed=11), _unit(500, 64, seed=12)
+    exact = torch.cdist(q, b).min(dim=1).values
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.matmul(q, b.t()).dtype == torch.bfloat16  # what autocast does to a plain product
+        got = knn.nearest_distance(q, b)
+        own = knn.nearest_outside_neighbourhood(q[:256], q[:256])
+    torch.testing.assert_close(got, exact, atol=1e-5, rtol=0)
+    torch.testing.assert_close(own, knn.nearest_outside_neighbourhood(q[:256], q[:256]), atol=1e-6, rtol=0)
+
+
+def test_a_held_out_reference_is_scored_from_the_bank_as_a_forward_against_the_others_would(tiny_detector):
+    from visualad.modes.references import ReferencesMode
+
+    tiny_detector.to("cpu", "fp32")
+    refs = _images(4, seed=8)
+    engine = tiny_detector.engine
+    engine.forwards = 0
+    tiny_detector.set_references(refs, calibrate=True)
+    assert engine.forwards == 1 and tiny_detector.has_thresholds("references")  # the bank's one batch only
+    mode = tiny_detector.scoring_mode("references")
+    held = mode.holdout(mode.bank.digests[1])
+    maps, scores = engine.score(engine.prepare([refs[1]]), held)
+    assert engine.forwards == 1  # no forward: its features are the bank's
+    others = engine.build_references([refs[0], refs[2], refs[3]])
+    want_maps, want = engine.score(engine.prepare([refs[1]]), ReferencesMode(others))
+    np.testing.assert_allclose(scores, want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(maps, want_maps, atol=1e-5, rtol=0)
+
+
 def test_nearest_distance_chunked_equals_cdist():
     q, b = _unit(37, 16, seed=1), _unit(53, 16, seed=2)
     brute = torch.cdist(q, b).min(dim=1).values

@@ -45,10 +45,12 @@ def test_default_model_parity_in_every_mode_at_original_size(default_export, sha
         _close(det.predict(images, mode="head", batch_size=batch_size),
                onnx.predict(images, mode="head", batch_size=batch_size))
     refs = sorted((shared_data / "mvtec_ad_reduced/hazelnut/train/good").iterdir())[:3]
-    det.set_references(refs)
-    onnx.set_references(refs)
+    det.set_references(refs, calibrate=True)  # held-out references scored from each bank's rows
+    onnx.set_references(refs, calibrate=True)
+    assert abs(det.config.image_threshold - onnx.config.image_threshold) < TOL
     _close(det.predict(images, mode="references"), onnx.predict(images, mode="references"))
     det.clear_references()
+    det.config.image_threshold = det.config.pixel_threshold = det.config.score_stats = None
     # batch mode: a set of 8 with compare_with >= 7, where the partners do not depend on the shuffle
     lot = images + [str(p) for p in refs]
     _close(det.predict(lot, mode="batch"), onnx.predict(lot, mode="batch"))

@@ -62,9 +62,10 @@ class Predictor:
         off). Keyword arguments go to the backend's bank builder (torch: ``blocks``, ``rs``).
 
         ``calibrate=True``: unless the model already holds thresholds for these references, the references set
-        them themselves (each scored against the others, leave-one-out; a threshold for
-        :data:`SELF_CALIBRATION_RATE` false alarms, or above every reference when they are too few for it), so
-        predictions are labelled with no extra step. This replaces the model's thresholds of another mode."""
+        them themselves (each scored against the others from its features in the bank, leave-one-out, with no
+        second forward; a threshold for :data:`SELF_CALIBRATION_RATE` false alarms, or above every reference when
+        they are too few for it), so predictions are labelled with no extra step. This replaces the model's
+        thresholds of another mode."""
         items = expand(images)
         self.references = self.backend.build_references(items, batch_size=batch_size, **kwargs) if items else None
         if calibrate and items and not self.has_thresholds("references"):

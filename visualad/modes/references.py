@@ -41,6 +41,16 @@ def bank_grid(ops: Any, features: Dict[Tuple[int, int], Any], shots: int, querie
     return total / len(queries)
 
 
+def own_queries(features: Dict[Tuple[int, int], Any], shots: int, index: int) -> Dict[Tuple[int, int], Any]:
+    """Reference ``index``'s stored rows as a one-image batch of queries, {key: [1, P, C]} (either backend's
+    arrays): a reference scored against the others needs no forward, its features are in the bank."""
+    out = {}
+    for key, rows in features.items():
+        p = rows.shape[0] // shots
+        out[key] = rows[index * p:(index + 1) * p][None]
+    return out
+
+
 @register
 class ReferencesMode(Scorer):
     """Scores a batch against a bank (``shots``, ``digests``, ``fingerprint``); ``exclude`` leaves one
@@ -61,7 +71,11 @@ class ReferencesMode(Scorer):
         return cls(references)
 
     def score(self, backend: Any, batch: Any) -> Tuple[np.ndarray, np.ndarray]:
-        return backend.grid_to_map(backend.references_grid(batch, self.bank, self.exclude))
+        if self.exclude is None:
+            return backend.grid_to_map(backend.references_grid(batch, self.bank))
+        # a held-out reference (the batch is that image, matched by its digest): its features are the bank's
+        return backend.grid_to_map(self.bank.grid(own_queries(self.bank.features, self.bank.shots, self.exclude),
+                                                  exclude=self.exclude))
 
     def holdout(self, digest: str) -> "ReferencesMode":
         own = self.bank.digests.index(digest) if digest in self.bank.digests else None

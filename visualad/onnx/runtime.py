@@ -185,10 +185,10 @@ class OnnxBackend:
         return (x - self._mean) / self._std
 
     def score(self, batch: np.ndarray, scorer: Any) -> Tuple[np.ndarray, np.ndarray]:
-        self.forwards += 1
         return scorer.score(self, batch)
 
     def head_maps(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        self.forwards += 1
         n, size = len(batch), self.image_size
         maps, scores = self._run("head", {"images": batch}, [(n, size, size), (n,)])
         return maps, scores
@@ -206,8 +206,8 @@ class OnnxBackend:
         outs = dict(zip(self.keys, self._run("features", {"images": batch}, shapes)))
         return {k: outs[k] for k in wanted}
 
-    def references_grid(self, batch: np.ndarray, bank: ArrayBank, exclude: Optional[int]) -> np.ndarray:
-        return bank.grid(self.features(batch, self.meta["blocks"], self.meta["rs"]), exclude)
+    def references_grid(self, batch: np.ndarray, bank: ArrayBank) -> np.ndarray:
+        return bank.grid(self.features(batch, self.meta["blocks"], self.meta["rs"]))
 
     def grid_to_map(self, grids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         g = int(self.meta["grid"])

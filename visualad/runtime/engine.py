@@ -95,11 +95,11 @@ class Engine:
 
     def score(self, batch: torch.Tensor, scorer: Any) -> Tuple[np.ndarray, np.ndarray]:
         """Host float32 model-size maps [B, S, S] and scores [B] of a prepared batch (``images`` scorers)."""
-        self.forwards += 1
         with torch.inference_mode(), self.autocast():
             return scorer.score(self, batch)
 
     def head_maps(self, batch: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+        self.forwards += 1
         maps, scores = self.model.predict_maps(batch)
         return maps.float().cpu().numpy(), scores.float().cpu().numpy()
 
@@ -117,11 +117,11 @@ class Engine:
         with torch.inference_mode():
             return {(b, r): knn.lnamd(f, r).to(self.feature_dtype) for b, f in zip(blocks, feats) for r in rs}
 
-    def references_grid(self, batch: torch.Tensor, bank: ReferenceBank, exclude: Optional[int]) -> torch.Tensor:
+    def references_grid(self, batch: torch.Tensor, bank: ReferenceBank) -> torch.Tensor:
         if bank.image_size != self.image_size:
             raise ConfigError(f"the reference bank was built at {bank.image_size} px and the model runs at "
                               f"{self.image_size} px: set the references again")
-        return bank.grid(bank.query(self.model.backbone_features(batch, bank.blocks)), exclude=exclude)
+        return bank.grid(bank.query(self.backbone_features(batch, bank.blocks)))
 
     def grid_to_map(self, grids: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
         """Patch grids [B, P] or [B, g, g] -> host smoothed maps [B, S, S] and their maxima [B]."""

@@ -8,7 +8,7 @@ scorer's ``kind``: ``images`` (a batch at a time), ``set`` (the whole set's feat
 A backend provides: ``image_size``, ``depth``, ``dtype_name``, ``knn`` (the nearest-neighbour primitives on
 its arrays: ``mutual_distances``, ``interval_average``, ``distances_to_images``, ``stack``, ``empty_rows``,
 ``unpermute``), ``prepare(squares)``, ``score(batch, scorer)``, ``features(batch, blocks, rs)``,
-``references_grid(batch, bank, exclude)``, ``grid_to_map(grids) -> (maps, scores)`` on the host,
+``references_grid(batch, bank)``, ``grid_to_map(grids) -> (maps, scores)`` on the host,
 ``inference()`` (the context set and stream scoring run in) and ``build_references(items, batch_size)``.
 """
 from __future__ import annotations
