@@ -132,6 +132,36 @@ def test_a_set_is_stored_once_whether_its_length_is_known_or_not(tiny_detector):
         assert (a is None and b is None) or np.array_equal(a, b)
 
 
+def test_a_long_input_is_scored_in_sets_of_at_most_max_set_in_input_order(tiny_detector):
+    """max_set=16: the first 16 good images are a set once 4 more have come; so are the next 16; the last 8 are
+    one set. A list and a generator split alike, and a broken input keeps its place without moving a set."""
+    tiny_detector.to("cpu", "fp32")
+    imgs = _images(40, seed=41)
+    inputs = imgs[:10] + ["/nonexistent/broken.png"] + imgs[10:]
+    split = BatchMode(compare_with=8, max_set=16)
+    for given in (inputs, iter(inputs)):
+        rows = list(tiny_detector.engine.run(given, split, batch_size=4))
+        assert [x.ok for x, _, _ in rows] == [i != 10 for i in range(41)] and np.isnan(rows[10][2])
+        want = []
+        for part in (imgs[:16], imgs[16:32], imgs[32:]):
+            want += [s for _, _, s in tiny_detector.engine.run(part, BatchMode(compare_with=8), batch_size=4)]
+        np.testing.assert_allclose([s for i, (_, _, s) in enumerate(rows) if i != 10], want, atol=1e-6, rtol=0)
+    rows = list(tiny_detector.engine.run(imgs[:18], split, batch_size=4))  # 18 > 16, never 20: two halves
+    want = [s for part in (imgs[:9], imgs[9:18])
+            for _, _, s in tiny_detector.engine.run(part, BatchMode(compare_with=8), batch_size=4)]
+    np.testing.assert_allclose([s for _, _, s in rows], want, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="max_set must be >= 16"):
+        BatchMode(max_set=8)
+
+
+def test_auto_picks_batch_mode_for_any_long_input():
+    from visualad.modes.choice import MAX_SET, ModeChooser
+
+    for n in (16, MAX_SET, 50 * MAX_SET):
+        assert ModeChooser().choose("auto", False, n, head_trained=True) == "batch"
+    assert BatchMode().why(5000, True).startswith(f"5000 images scored against each other in sets of at most {MAX_SET}")
+
+
 @pytest.mark.parametrize("n,m", [(7, 6), (7, 10), (8, 7), (9, 4), (9, 5), (12, 1)])
 def test_mutual_distances_match_brute_force_partner_by_partner(n, m):
     f = _unit(n, 9, 8, seed=n + m)

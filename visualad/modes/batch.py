@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..errors import ConfigError
 from . import partners
 from .base import NO_THRESHOLD, Scorer, register
-from .choice import check_set_size
+from .choice import MAX_SET, WARN_BELOW, check_set_size
 
 NAME = "batch"
 
@@ -27,11 +27,17 @@ class BatchMode(Scorer):
     kind = "set"
 
     def __init__(self, compare_with: int = 64, seed: int = 0, blocks: Optional[Sequence[int]] = None,
-                 rs: Sequence[int] = partners.DEFAULT_R, fraction: float = partners.DEFAULT_FRACTION) -> None:
+                 rs: Sequence[int] = partners.DEFAULT_R, fraction: float = partners.DEFAULT_FRACTION,
+                 max_set: int = MAX_SET) -> None:
         if int(compare_with) < 1:
             raise ConfigError(f"compare_with must be >= 1, got {compare_with!r}")
         if not 0.0 < fraction <= 1.0:
             raise ConfigError(f"fraction must be in (0, 1], got {fraction!r}")
+        if int(max_set) < WARN_BELOW:
+            raise ConfigError(f"max_set must be >= {WARN_BELOW}, got {max_set!r}")
+        #: the most images scored as one set; a longer input is split into sets in input order
+        #: (:func:`visualad.runtime.pipeline.run`), none of fewer than ``max_set / 4`` images
+        self.max_set = int(max_set)
         self.compare_with = int(compare_with)
         self.seed = int(seed)
         self.blocks = None if blocks is None else tuple(int(b) for b in blocks)
@@ -62,7 +68,8 @@ class BatchMode(Scorer):
         return ops.unpermute(total / len(features), order)
 
     def why(self, n_images: int, head_trained: bool) -> str:
-        return (f"{n_images} images scored against each other; it assumes that defects are local and on a "
+        sets = f" in sets of at most {self.max_set}" if n_images > self.max_set else ""
+        return (f"{n_images} images scored against each other{sets}; it assumes that defects are local and on a "
                 "minority of them")
 
     def next_step(self, labelled: bool, n_normal: Optional[int]) -> str:

@@ -11,10 +11,12 @@ logger = logging.getLogger(__name__)
 
 MIN_IMAGES = 4  # batch mode on fewer: a typed error
 WARN_BELOW = 16  # below: quality drops by 0.03-0.10 image AUROC (docs/batch-zero-shot.md)
-#: "auto" scores a set in batch mode up to this many images at once (features are held for the whole set:
-#: about 0.4 MB an image for ViT-S at 224 px in fp16 under dtype="auto", 0.8 MB with dtype="fp32"); larger inputs
-#: are scored by the head with a warning
-AUTO_BATCH_MAX = 4096
+#: batch mode scores at most this many images as one set; a longer input is split into sets in input order, so
+#: memory is bounded whatever its length (a set's features: about 0.4 MB an image for ViT-S at 224 px in fp16
+#: under dtype="auto", 0.8 MB with dtype="fp32"). Each image meets at most ``compare_with`` (64) others, and
+#: quality was saturated from 32 images (docs/batch-zero-shot.md), so a larger set would change only which
+#: partners are drawn
+MAX_SET = 1024
 #: what to do when the head is untrained (a backbone alone, or from_backbone before finetune)
 UNTRAINED_HEAD_HELP = (f"give a few normal images of the product (set_references / --references), or {MIN_IMAGES} or "
                        "more images of one product together (batch mode); head mode needs a trained head: "
@@ -58,7 +60,7 @@ class ModeChooser:
                                   "or predict(..., references=normal_images)")
             return "references"
         fewest = WARN_BELOW if head_trained else MIN_IMAGES
-        if mode == "batch" or (mode == "auto" and n_images is not None and fewest <= n_images <= AUTO_BATCH_MAX):
+        if mode == "batch" or (mode == "auto" and n_images is not None and fewest <= n_images):
             return "batch"
         if not head_trained:
             if mode == "auto":
@@ -66,8 +68,7 @@ class ModeChooser:
                                   f"{'a stream' if n_images is None else n_images} image(s): {UNTRAINED_HEAD_HELP}")
             self._warn_once("head mode on an untrained head: its maps mean nothing; %s", UNTRAINED_HEAD_HELP)
         elif mode == "auto":
-            why = (f"only {n_images} image(s) given together" if n_images is not None and n_images < WARN_BELOW
-                   else "the input is too large for one set" if n_images is not None else "a stream of images")
+            why = f"only {n_images} image(s) given together" if n_images is not None else "a stream of images"
             self._warn_once("scoring with the trained head (%s): on products it never saw the head transfers "
                             "poorly on small backbones; for reliable maps give %d or more images of one product "
                             "at once (batch mode) or a few normal images (set_references / --references)",

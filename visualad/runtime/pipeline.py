@@ -2,7 +2,8 @@
 :class:`~visualad.onnx.runtime.OnnxBackend`); no torch here.
 
 input -> read-ahead (decode, validate, square resize; bounded) -> ``backend.prepare`` -> dispatch on the
-scorer's ``kind``: ``images`` (a batch at a time), ``set`` (the whole set's features, then the set's grids),
+scorer's ``kind``: ``images`` (a batch at a time), ``set`` (a set's features, then its grids; sets of at most
+``scorer.max_set``),
 ``stream`` (each image's features as it comes) -> ``backend.grid_to_map`` -> (input, model-size map, score).
 
 A backend provides: ``image_size``, ``depth``, ``dtype_name``, ``knn`` (the nearest-neighbour primitives on
@@ -38,7 +39,7 @@ def run(backend: Any, items: Iterable[Any], scorer: Any, batch_size: int = 8, *,
         on_error: str = "return") -> Iterator[Scored]:
     """(input, model-size map or None, score) per input, in order; see the module's docstring."""
     chunks = read(backend, items, batch_size, keep_image=keep_image, on_error=on_error)
-    if scorer.kind == "set":  # the set's features are allocated once for the inputs' count, when it is known
+    if scorer.kind == "set":  # a set's features are allocated once for the inputs' count, when it is known
         return _set(backend, chunks, scorer, batch_size, len(items) if hasattr(items, "__len__") else None)
     return _BY_KIND[scorer.kind](backend, chunks, scorer, batch_size)
 
@@ -54,8 +55,15 @@ def _images(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_siz
 
 def _set(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_size: int,
          expected: Optional[int]) -> Iterator[Scored]:
+    """Sets of at most ``scorer.max_set`` images, each scored against itself: an input longer than that is split
+    in input order (the first ``max_set`` images are scored once ``max_set / 4`` more have come, and a last
+    remainder above ``max_set`` in two halves), so memory is bounded whatever the input's length and no set but
+    a whole input has fewer than ``max_set / 4`` images."""
     blocks = scorer.blocks_for(backend.depth)
-    loaded: List[Loaded] = []
+    limit = int(scorer.max_set)
+    slack = limit // 4
+    room = limit + slack + batch_size if expected is None else min(expected, limit + slack + batch_size)
+    loaded: List[Loaded] = []  # inputs not yet out, in order (failed ones too)
     store: Dict[Tuple[int, int], Any] = {}  # per (block, r): one array [capacity, P, C], filled to `count`
     count = 0
     digests: List[str] = []
@@ -63,15 +71,45 @@ def _set(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_size: 
         good = [x for x in chunk if x.ok]
         if good:
             for key, f in backend.features(backend.prepare([x.square for x in good]), blocks, scorer.rs).items():
-                store[key] = _room(backend.knn, store.get(key), count, f, expected)
+                store[key] = _room(backend.knn, store.get(key), count, f, room)
                 store[key][count:count + len(good)] = f
             count += len(good)
             digests += [image_digest(x.square) for x in good]
         for x in chunk:
             x.square = None  # only the features are kept for the set
         loaded += chunk
+        while count >= limit + slack:  # a full set, and enough after it that the last set is not small
+            head = _through(loaded, limit)
+            yield from _score_set(backend, scorer, {k: v[:limit] for k, v in store.items()}, digests[:limit],
+                                  loaded[:head], batch_size)
+            for v in store.values():  # the rest to the front, `limit` rows at a time (never overlapping)
+                for s in range(0, count - limit, limit):
+                    v[s:min(s + limit, count - limit)] = v[limit + s:min(2 * limit + s, count)]
+            loaded, digests, count = loaded[head:], digests[limit:], count - limit
+    half = count // 2 if count > limit else count
+    head = _through(loaded, half) if count > limit else len(loaded)
+    yield from _score_set(backend, scorer, {k: v[:half] for k, v in store.items()}, digests[:half],
+                          loaded[:head], batch_size)
+    if count > limit:
+        yield from _score_set(backend, scorer, {k: v[half:count] for k, v in store.items()}, digests[half:],
+                              loaded[head:], batch_size)
+
+
+def _through(loaded: List[Loaded], n_ok: int) -> int:
+    """How many of ``loaded`` (in order) hold its first ``n_ok`` good inputs, failed ones between them too."""
+    seen = 0
+    for i, x in enumerate(loaded):
+        seen += x.ok
+        if seen == n_ok:
+            return i + 1
+    return len(loaded)
+
+
+def _score_set(backend: Any, scorer: Any, features: Dict[Tuple[int, int], Any], digests: List[str],
+               loaded: List[Loaded], batch_size: int) -> Iterator[Scored]:
+    """One set's results, in input order: its grids, then maps a batch at a time (failed inputs in place)."""
     with backend.inference():
-        grids = scorer.score_set(backend, {k: v[:count] for k, v in store.items()}, digests)
+        grids = scorer.score_set(backend, features, digests)
         done = 0
         for s in range(0, len(loaded), batch_size):
             chunk = loaded[s:s + batch_size]
@@ -83,13 +121,13 @@ def _set(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_size: 
             yield from paired(chunk, maps, scores)
 
 
-def _room(ops: Any, store: Any, used: int, part: Any, expected: Optional[int]) -> Any:
+def _room(ops: Any, store: Any, used: int, part: Any, expected: int) -> Any:
     """``store`` with room for ``part`` after its first ``used`` rows: allocated once for the ``expected``
-    images when the input's length is known (failed inputs leave rows unused), else grown by doubling."""
+    rows (failed inputs leave rows unused), grown by doubling past them."""
     need = used + part.shape[0]
     if store is not None and store.shape[0] >= need:
         return store
-    grown = ops.empty_rows(max(need, expected or 0, 2 * (0 if store is None else store.shape[0])), part)
+    grown = ops.empty_rows(max(need, expected, 2 * (0 if store is None else store.shape[0])), part)
     if used:
         grown[:used] = store[:used]
     return grown
