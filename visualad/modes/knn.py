@@ -10,9 +10,9 @@ dtype="auto" or in bf16 or fp16, half the memory) are multiplied in fp16 on the 
 :data:`HALF_PRODUCT_DEVICES` (CUDA), and there the product only picks each patch's few nearest candidates: their
 similarities are recomputed as fp32 dot products of the stored rows (:func:`nearest_similarities`), so no distance
 is a rounded half product. Elsewhere half features are upcast block by block and multiplied in fp32 (a CPU's fp16
-product is emulated on most CPUs). Measured on
-shared/data (docs/modes.md, "Precision"): bf16 rows moved batch mode's metrics by up to 0.005, fp16 rows by at
-most 0.002, so the compact dtype is fp16 whatever the engine's half dtype.
+product is emulated on most CPUs). Measured on shared/data (docs/modes.md, "Precision"): bf16 rows moved batch
+mode's metrics by up to 0.005, fp16 rows by at most 0.002, so the compact dtype is fp16 whatever the engine's
+half dtype.
 """
 from __future__ import annotations
 
@@ -159,7 +159,6 @@ def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: in
                 out[partners, slot + 1] = to_distance(near[1])
             slot += 2 if d in both else 1
     return out
-
 
 
 def without_rows(bank: torch.Tensor, start: int, stop: int) -> torch.Tensor:

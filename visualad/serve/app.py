@@ -257,9 +257,10 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
                     stats = cfg.score_stats or {}
                     answer.update(image_threshold=cfg.image_threshold, pixel_threshold=cfg.pixel_threshold,
                                   operating_point=operating_point(stats))
-                    point = stats.get("operating_point")
-                    if isinstance(point, dict) and point.get("calibrated_on") == SELF_CALIBRATED:
-                        _warn(answer, int(stats["n_normal"]), own_references=True)
+                    point = stats.get("operating_point")  # a model directory's, when its thresholds held
+                    if isinstance(point, dict) and point.get("calibrated_on") == SELF_CALIBRATED \
+                            and isinstance(point.get("n_normal"), int):
+                        _warn(answer, point["n_normal"], own_references=True)
                 return answer
 
         try:
