@@ -139,7 +139,8 @@ def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: in
     ``order`` (a permutation of the N images, default as given) is the comparison order: row i of the output
     is image ``order[i]``; the features are indexed through it, never copied whole. One batched product per
     offset and block of images gives both directions of a pair (row maxima for p, column maxima for its
-    partner), so the work is N * M / 2 pair products; memory is the output plus one block of similarities."""
+    partner), so the work is N * M / 2 pair products; memory is the output plus one block of similarities and the
+    block's window of partner images."""
     n, p, _ = features.shape
     both, forward = partner_offsets(n, compare_with)
     m = 2 * len(both) + len(forward)
@@ -147,13 +148,18 @@ def mutual_distances(features: torch.Tensor, compare_with: int, chunk_images: in
     block = chunk_images or max(1, PAIR_BLOCK_ELEMENTS // max(1, p * p))
     idx = torch.arange(n, device=features.device)
     order = idx if order is None else torch.as_tensor(order, device=features.device)
+    offsets = both + forward
     for s in range(0, n, block):
         rows = idx[s:s + block]
-        mine = _for_product(features[order[rows]])  # gathered (and upcast) once for all offsets
+        # gathered (and upcast) once for all offsets: the block's own rows, and the window of images its
+        # partners come from (offset d's partners are rows d-1 onwards of it)
+        mine = _for_product(features[order[rows]])
+        ahead = _for_product(features[order[(s + 1 + torch.arange(len(rows) + max(offsets, default=1) - 1,
+                                                                 device=features.device)) % n]])
         slot = 0
-        for d in both + forward:
+        for d in offsets:
             partners = (rows + d) % n
-            near = nearest_similarities(mine, _for_product(features[order[partners]]), both=d in both)
+            near = nearest_similarities(mine, ahead[d - 1:d - 1 + len(rows)], both=d in both)
             out[rows, slot] = to_distance(near[0])
             if d in both:
                 out[partners, slot + 1] = to_distance(near[1])
