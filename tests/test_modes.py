@@ -96,6 +96,42 @@ def test_half_features_pick_the_nearest_in_half_and_give_its_fp32_similarity(hal
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+def test_fp32_rows_asked_for_half_candidates_keep_fp32_similarities_of_real_pairs(monkeypatch):
+    """References mode's rule: fp32 rows, the candidates picked by an fp16 product (on CUDA; here made to run on
+    the CPU), their similarities the fp32 dot products of the given rows. Off those devices ``half`` changes
+    nothing: the exact fp32 search."""
+    q, bank = _unit(300, 64, seed=31), _unit(500, 64, seed=32)
+    exact = q @ bank.t()
+    brute = knn.to_distance(exact.amax(dim=1))
+    torch.testing.assert_close(knn.nearest_distance(q, bank, half=torch.float16), brute, atol=0, rtol=0)
+    monkeypatch.setattr(knn, "HALF_PRODUCT_DEVICES", ("cuda", "cpu"))
+    torch.testing.assert_close(knn.nearest_distance(q, bank), brute, atol=0, rtol=0)  # not asked: exact
+    (sim,) = knn.nearest_similarities(q, bank, half=torch.float16)
+    assert sim.dtype == torch.float32 and sim.shape == (300,)
+    assert (sim <= exact.amax(dim=1) + 1e-6).all() and (sim >= exact.amax(dim=1) - 2 * 2.0 ** -11).all()
+    assert torch.isclose(sim, exact.amax(dim=1), atol=1e-6).float().mean() > 0.98
+    assert all(torch.isclose(exact[i], sim[i], atol=1e-6).any() for i in range(300))  # a real pair's fp32 value
+
+
+def test_references_pick_candidates_in_the_compact_dtype_where_asked_and_exactly_under_fp32(tiny_detector,
+                                                                                         monkeypatch):
+    """An engine under "auto" asks references mode for fp16 candidates (taken on CUDA's devices, here patched to
+    the CPU); dtype="fp32" asks for none: the exact search. Either way scores agree to fp16's near ties."""
+    monkeypatch.setattr(knn, "HALF_PRODUCT_DEVICES", ("cuda", "cpu"))
+    picked = []
+    best_dot = knn._best_dot
+    monkeypatch.setattr(knn, "_best_dot", lambda a, b, index: picked.append(a.dtype) or best_dot(a, b, index))
+    tiny_detector.set_references(_images(4, seed=7))
+    images = _images(6, seed=8)
+    out = {}
+    for dtype in ("fp32", "auto"):
+        tiny_detector.to("cpu", dtype)
+        picked.clear()
+        out[dtype] = np.array([r.pred_score for r in tiny_detector.predict(images, mode="references")])
+        assert picked == ([] if dtype == "fp32" else [torch.float32] * 2)  # one per (block, r): fp32 rows
+    np.testing.assert_allclose(out["auto"], out["fp32"], atol=2e-3, rtol=0)
+
+
 def test_auto_and_half_engines_keep_fp16_features_and_fp32_by_name_keeps_the_exact_fp32(tiny_detector):
     from visualad.runtime.precision import feature_dtype_for
 

@@ -82,11 +82,12 @@ class ReferenceBank:
                 out[(block, r)] = knn.lnamd(f, r) if self.layernorm else F.normalize(f.float(), dim=-1, eps=1e-8)
         return out
 
-    def grid(self, queries: Dict[Tuple[int, int], torch.Tensor], exclude: Optional[int] = None) -> torch.Tensor:
+    def grid(self, queries: Dict[Tuple[int, int], torch.Tensor], exclude: Optional[int] = None,
+             half: Optional[torch.dtype] = None) -> torch.Tensor:
         """Mean nearest distance over (block, r) on the patch grid [B, g, g] (see :func:`references.bank_grid`)."""
         from .references import bank_grid
 
-        total = bank_grid(knn, self.features, self.shots, queries, exclude)
+        total = bank_grid(knn, self.features, self.shots, queries, exclude, half)
         g = int(round(math.sqrt(total.shape[1])))
         return total.view(-1, g, g)
 

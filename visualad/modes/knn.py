@@ -9,10 +9,11 @@ fp32 features give the exact fp32 function. Half features (fp16: the set feature
 dtype="auto" or in bf16 or fp16, half the memory) are multiplied in fp16 on the devices of
 :data:`HALF_PRODUCT_DEVICES` (CUDA), and there the product only picks each patch's few nearest candidates: their
 similarities are recomputed as fp32 dot products of the stored rows (:func:`nearest_similarities`), so no distance
-is a rounded half product. Elsewhere half features are upcast block by block and multiplied in fp32 (a CPU's fp16
-product is emulated on most CPUs). Measured on shared/data (docs/modes.md, "Precision"): bf16 rows moved batch
-mode's metrics by up to 0.005, fp16 rows by at most 0.002, so the compact dtype is fp16 whatever the engine's
-half dtype.
+is a rounded half product. References mode keeps fp32 rows (a small bank) and asks for the same half candidate
+product there (``half``): an fp32 product on CUDA runs without tensor cores. Elsewhere half features are upcast
+block by block and multiplied in fp32 (a CPU's fp16 product is emulated on most CPUs). Measured on shared/data
+(docs/modes.md, "Precision"): bf16 rows moved batch mode's metrics by up to 0.005, fp16 rows by at most 0.002,
+so the compact dtype is fp16 whatever the engine's half dtype.
 """
 from __future__ import annotations
 
@@ -65,6 +66,14 @@ def _for_product(rows: torch.Tensor) -> torch.Tensor:
     return rows.float() if rows.dtype in HALF and rows.device.type not in HALF_PRODUCT_DEVICES else rows
 
 
+def _candidate_dtype(rows: torch.Tensor, half: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """The half dtype whose product picks the candidates of :func:`nearest_similarities`, or None for one exact
+    fp32 product: on :data:`HALF_PRODUCT_DEVICES`, the rows' own half dtype, else ``half`` if asked."""
+    if rows.device.type not in HALF_PRODUCT_DEVICES:
+        return None
+    return rows.dtype if rows.dtype in HALF else (half if half in HALF else None)
+
+
 #: nearest-row candidates a half product keeps per row; their fp32 similarities decide (a half product's
 #: rounding can reorder rows whose similarities differ by less than its spacing, 2^-11 near 1 in fp16)
 CANDIDATES = 4
@@ -79,18 +88,22 @@ def _best_dot(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> torch.Te
     return (a.float().unsqueeze(-2) * picked.float()).sum(dim=-1).amax(dim=-1)
 
 
-def nearest_similarities(a: torch.Tensor, b: torch.Tensor, both: bool = False) -> Tuple[torch.Tensor, ...]:
+def nearest_similarities(a: torch.Tensor, b: torch.Tensor, both: bool = False,
+                         half: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
     """Batched [..., P, C] x [..., Q, C] (unit rows) -> the fp32 similarity of each row of ``a`` to its nearest
     row of ``b`` [..., P] (and, with ``both``, of each row of ``b`` to its nearest row of ``a``, [..., Q]).
 
     fp32 inputs (and half inputs off :data:`HALF_PRODUCT_DEVICES`, upcast): the maxima of one fp32 product. Half
-    inputs on those devices: the product in their dtype picks :data:`CANDIDATES` nearest rows, and the largest
-    fp32 dot product among them is the similarity (always that of a real pair of stored rows; below the exact
-    maximum only when more rows than that tie within the half product's rounding)."""
-    a, b = _for_product(a), _for_product(b)
+    inputs on those devices (and fp32 inputs there with ``half``, a half dtype to multiply in): the product in
+    that dtype picks :data:`CANDIDATES` nearest rows, and the largest fp32 dot product of the given rows among
+    them is the similarity (always that of a real pair of rows; below the exact maximum only when more rows than
+    that tie within the half product's rounding)."""
+    product = _candidate_dtype(a, half)
+    if product is None:
+        a, b = _for_product(a), _for_product(b)
     with _as_given(a.device):
-        sim = torch.matmul(a, b.transpose(-1, -2))
-    if a.dtype not in HALF:
+        sim = torch.matmul(a.to(product or a.dtype), b.to(product or a.dtype).transpose(-1, -2))
+    if product is None:
         return (sim.amax(dim=-1), sim.amax(dim=-2)) if both else (sim.amax(dim=-1),)
     rows = _best_dot(a, b, sim.topk(min(CANDIDATES, sim.shape[-1]), dim=-1).indices)
     if not both:
@@ -98,16 +111,17 @@ def nearest_similarities(a: torch.Tensor, b: torch.Tensor, both: bool = False) -
     return rows, _best_dot(b, a, sim.topk(min(CANDIDATES, sim.shape[-2]), dim=-2).indices.transpose(-1, -2))
 
 
-def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS,
+                     half: Optional[torch.dtype] = None) -> torch.Tensor:
     """Distance of each query row [Nq, C] to its nearest bank row [Nb, C] (unit vectors) -> [Nq] fp32, the
-    product in the queries' dtype (see the module's docstring).
+    product in the queries' dtype, or its candidates in ``half`` (see :func:`nearest_similarities`).
 
     Exact in fp32; queries are taken in chunks of about ``chunk_elements / Nb`` rows, so memory is bounded."""
     bank = bank.to(queries.dtype)
     rows = max(1, chunk_elements // max(1, bank.shape[0]))
     out = torch.empty(queries.shape[0], device=queries.device, dtype=torch.float32)
     for s in range(0, queries.shape[0], rows):
-        out[s:s + rows] = nearest_similarities(queries[s:s + rows], bank)[0]
+        out[s:s + rows] = nearest_similarities(queries[s:s + rows], bank, half=half)[0]
     return to_distance(out)
 
 

@@ -7,6 +7,7 @@ docs/modes.md): references alone beat the old fusion with the trained head.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -19,10 +20,12 @@ NAME = "references"
 
 
 def bank_grid(ops: Any, features: Dict[Tuple[int, int], Any], shots: int, queries: Dict[Tuple[int, int], Any],
-              exclude: Optional[int] = None) -> Any:
+              exclude: Optional[int] = None, half: Any = None) -> Any:
     """The nearest-reference search of both backends, over their kNN primitives (``ops``: :mod:`modes.knn` or
     :mod:`onnx.knn`): the mean nearest distance over (block, r), {key: [B, P, C]} -> [B, P]. ``exclude``
-    leaves reference image ``exclude`` out (leave-one-out); with one reference, its own 3x3 neighbourhood."""
+    leaves reference image ``exclude`` out (leave-one-out); with one reference, its own 3x3 neighbourhood.
+    ``half`` (torch only): the dtype of the product that picks nearest candidates (:func:`knn.nearest_distance`)."""
+    nearest = ops.nearest_distance if half is None else partial(ops.nearest_distance, half=half)
     total = None
     for key, q in queries.items():
         b, p, c = q.shape
@@ -31,9 +34,9 @@ def bank_grid(ops: Any, features: Dict[Tuple[int, int], Any], shots: int, querie
             raise ConfigError(f"the references hold features of size {bank.shape[1]}, the model gives {c}: they "
                               "come from another model; set the references again")
         if exclude is None:
-            d = ops.nearest_distance(q.reshape(b * p, c), bank).reshape(b, p)
+            d = nearest(q.reshape(b * p, c), bank).reshape(b, p)
         elif shots > 1:
-            d = ops.nearest_distance(q.reshape(b * p, c), ops.without_rows(bank, exclude * p, (exclude + 1) * p))
+            d = nearest(q.reshape(b * p, c), ops.without_rows(bank, exclude * p, (exclude + 1) * p))
             d = d.reshape(b, p)
         else:
             d = ops.stack([ops.nearest_outside_neighbourhood(q[i], bank) for i in range(b)])

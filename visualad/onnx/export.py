@@ -1,4 +1,5 @@
-"""Export an engine's model (and a reference bank) to ONNX: a directory that :class:`visualad.onnx.OnnxDetector` runs without torch.
+"""Export an engine's model (and a reference bank) to ONNX: a directory that
+:class:`visualad.onnx.OnnxDetector` runs without torch.
 
 Three graphs, each taking what the engine computes on the device, with a dynamic batch dimension:
 

@@ -38,8 +38,9 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         #: the dtype a set's unit patch features are kept in between the forward and the mutual scoring (batch
         #: and stream mode): fp16 under "auto" and for a half engine (half the memory; fp16 products on CUDA),
-        #: fp32 for dtype="fp32", the exact function (:mod:`visualad.modes.knn`). References mode keeps fp32: its
-        #: bank is small, and fp16 queries moved one metric by 0.0024 (docs/modes.md, "Precision")
+        #: fp32 for dtype="fp32", the exact function (:mod:`visualad.modes.knn`). References mode keeps fp32 rows
+        #: (its bank is small, and fp16 queries moved one metric by 0.0024: docs/modes.md, "Precision") and
+        #: only picks its nearest candidates in this dtype on CUDA
         self.feature_dtype = feature_dtype_for(dtype, self.dtype)
         self.model = model.to(self.device).eval()
         #: forwards run so far (batches through the model or the backbone): tests count work with it
@@ -121,7 +122,8 @@ class Engine:
         if bank.image_size != self.image_size:
             raise ConfigError(f"the reference bank was built at {bank.image_size} px and the model runs at "
                               f"{self.image_size} px: set the references again")
-        return bank.grid(bank.query(self.backbone_features(batch, bank.blocks)))
+        # the candidate product in the compact dtype (on CUDA; fp32 rows re-ranked), exact under dtype="fp32"
+        return bank.grid(bank.query(self.backbone_features(batch, bank.blocks)), half=self.feature_dtype)
 
     def grid_to_map(self, grids: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
         """Patch grids [B, P] or [B, g, g] -> host smoothed maps [B, S, S] and their maxima [B]."""

@@ -219,7 +219,8 @@ def hub_snapshot(
     offline = is_offline(local_files_only)
     expected = {name: check_sha256_arg(digest) for name, digest in (sha256 or {}).items()}
     kwargs: dict = dict(revision=revision, cache_dir=_hf_cache_dir(cache_dir), token=token,
-                        local_files_only=offline, allow_patterns=_list(allow_patterns), ignore_patterns=_list(ignore_patterns),
+                        local_files_only=offline, allow_patterns=_list(allow_patterns),
+                        ignore_patterns=_list(ignore_patterns),
                         library_name="visualad", library_version=version())
     endpoint = _hf_endpoint()
     if endpoint:

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 def backbone_state_dict(name: str, *, model_dir: Optional[Path] = None, pretrained: bool = True,
                         cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
-                        local_files_only: Optional[bool] = None, token: Optional[str] = None) -> Dict[str, torch.Tensor]:
+                        local_files_only: Optional[bool] = None,
+                        token: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """The pretrained weights of backbone ``name``.
 
     A model directory that carries ``backbone.safetensors`` (written by ``convert-official

@@ -109,7 +109,8 @@ def verified_before(path: Path, sha256: str, marker: Path) -> bool:
     """A verified file is re-hashed only when its size/mtime/inode changed (hashing 1 GB on every load is slow)."""
     try:
         record = json.loads(marker.read_text(encoding="utf-8"))
-        return record.get("sha256") == sha256 and record.get("path") == str(path) and record.get("stat") == _stat_key(path)
+        return (record.get("sha256") == sha256 and record.get("path") == str(path)
+                and record.get("stat") == _stat_key(path))
     except (OSError, ValueError):
         return False
 
