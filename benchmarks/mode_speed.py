@@ -2,6 +2,7 @@
 same run, on the same batch, in the same dtype.
 
     python benchmarks/mode_speed.py [--device cpu|cuda] [--dtype auto|fp32|bf16] [--feature-dtype fp32|bf16|fp16]
+                                    [--cpu-products bf16|fp16] [--random-weights]
                                     [--size 224] [--counts 64 256 1024] [--compare-with 64]
 
 - ``references``: 16 reference images; one batch of 8 scored (``Engine.score``: backbone to the feature block,
@@ -38,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from visualad import AnomalyDetector  # noqa: E402
+from visualad.modes import knn  # noqa: E402
 from visualad.modes.batch import BatchMode  # noqa: E402
 from visualad.runtime.precision import resolve_device, resolve_dtype  # noqa: E402
 
@@ -95,6 +97,8 @@ def _detector(args: argparse.Namespace) -> AnomalyDetector:
                                               image_size=args.size)
     if args.feature_dtype:  # e.g. a bf16 engine's set memory without its (emulated, slow) bf16 forward
         det.engine.feature_dtype = FEATURE_DTYPES[args.feature_dtype]
+    if args.cpu_products:  # candidates picked by a half product on the CPU, as on CUDA (a CPU with native bf16)
+        knn.HALF_PRODUCTS = {**knn.HALF_PRODUCTS, "cpu": FEATURE_DTYPES[args.cpu_products]}
     return det
 
 
@@ -158,7 +162,7 @@ def _peak_mib() -> float:
 def _spawn(kind: str, args: argparse.Namespace, **extra: Any) -> Dict[str, float]:
     cmd = [sys.executable, __file__, "--child", kind, "--device", args.device, "--dtype", args.dtype,
            "--size", str(args.size), *(["--random-weights"] if args.random_weights else []),
-           "--feature-dtype", args.feature_dtype,
+           "--feature-dtype", args.feature_dtype, "--cpu-products", args.cpu_products,
            "--reps", str(args.reps), "--compare-with", str(args.compare_with), "--window", str(args.window)]
     for k, v in extra.items():
         if v is False:
@@ -176,6 +180,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="auto: the detector's default here (bf16 where native)")
     ap.add_argument("--feature-dtype", default="", choices=["", *FEATURE_DTYPES],
                     help="keep and multiply the nearest-neighbour features in this dtype (default: the engine's)")
+    ap.add_argument("--cpu-products", default="", choices=["", "bf16", "fp16"],
+                    help="pick nearest candidates with this half product on the CPU (CUDA's rule; off by default)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--random-weights", action="store_true",
                     help="the default model's architecture with random weights (work and memory do not depend on them)")
@@ -197,6 +203,7 @@ def main() -> None:
     device = resolve_device(args.device)
     resolved = resolve_dtype(args.dtype, device)
     features = f", features in {args.feature_dtype}" if args.feature_dtype else ""
+    features += f", {args.cpu_products} candidate products on the CPU" if args.cpu_products else ""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {args.dtype} ({resolved}){features}, "
           f"{args.size} px, "

@@ -8,7 +8,8 @@ Settings (block 7 of 12, r = 1 and 3, interval fraction 0.1, image score = max, 
 four categories before this script was written (docs/batch-zero-shot.md); nothing here tunes them. References
 are drawn from each category's train/good exactly as ``visualad eval --shots K`` draws them (seed 42).
 Prints a Markdown table for docs/modes.md. ``--features``: the same table with the nearest-neighbour
-features kept (and with "-products" multiplied) in each dtype, the forward staying in ``--dtype``, then the largest
+features kept in each dtype (and with "-products", their nearest candidates picked by a product in that half
+dtype, "fp16-bf16-products": fp16 rows, bf16 products), the forward staying in ``--dtype``, then the largest
 difference of any metric from the first one's, per mode and category (docs/modes.md, "Precision").
 """
 from __future__ import annotations
@@ -32,9 +33,12 @@ from visualad.modes import knn  # noqa: E402
 from visualad.modes.batch import BatchMode  # noqa: E402
 from visualad.tasks.references import draw_references  # noqa: E402
 
-#: --features: the dtype the nearest-neighbour features are kept in, and whether they are multiplied in it
-FEATURES = {"fp32": (torch.float32, False), "fp16": (torch.float16, False), "bf16": (torch.bfloat16, False),
-            "fp16-products": (torch.float16, True), "bf16-products": (torch.bfloat16, True)}
+#: --features: the dtype the nearest-neighbour features are kept in, and the half product that picks their
+#: nearest candidates on the CPU (as CUDA's fp16 does; None: fp32 products). References mode keeps fp32 rows and
+#: picks its candidates alike whenever the features are half
+FEATURES = {"fp32": (torch.float32, None), "fp16": (torch.float16, None), "bf16": (torch.bfloat16, None),
+            "fp16-products": (torch.float16, torch.float16), "bf16-products": (torch.bfloat16, torch.bfloat16),
+            "fp16-bf16-products": (torch.float16, torch.bfloat16)}
 CATEGORIES = {"tire": "mvtec_3d_ad_tire_rgb", "cookie": "lookout_cookies", "hazelnut": "mvtec_ad_reduced",
               "transistor": "mvtec_ad_reduced"}
 
@@ -81,8 +85,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--subset-draws", type=int, default=3, help="seeded draws per subset size N")
     ap.add_argument("--features", nargs="+", default=None, choices=sorted(FEATURES),
-                    help="tables with the nearest-neighbour features kept in each dtype (\"-products\": multiplied "
-                         "in it too, CUDA's rule, emulated on this CPU: slow), then differences from the first")
+                    help="tables with the nearest-neighbour features kept in each dtype (\"-products\": candidates "
+                         "picked by a half product, CUDA's rule, emulated on this CPU: slow), then differences "
+                         "from the first")
     args = ap.parse_args()
     det = AnomalyDetector.from_pretrained(device="cpu", dtype=args.dtype)
     cats = list(CATEGORIES)
@@ -90,8 +95,8 @@ def main() -> None:
     t0 = time.perf_counter()
     for name in args.features or [None]:
         if name is not None:
-            det.engine.feature_dtype, half_products = FEATURES[name]
-            knn.HALF_PRODUCT_DEVICES = ("cuda", "cpu") if half_products else ("cuda",)
+            det.engine.feature_dtype, product = FEATURES[name]
+            knn.HALF_PRODUCTS = {"cuda": torch.float16, **({"cpu": product} if product else {})}
         rows = tables[name] = table(det, args.data, args.subset_draws)
         print(f"\n{args.dtype} forward, features {name}:" if name else "")
         print("| mode | " + " | ".join(cats) + " | mean |")

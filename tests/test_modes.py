@@ -78,7 +78,7 @@ def test_half_features_pick_the_nearest_in_half_and_give_its_fp32_similarity(hal
     near tie of the half product. Off those devices half rows are multiplied in fp32: the exact maxima."""
     a, b = _unit(6, 40, 64, seed=21).to(half), _unit(6, 50, 64, seed=22).to(half)
     upcast = knn.nearest_similarities(a, b, both=True)
-    monkeypatch.setattr(knn, "HALF_PRODUCT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(knn, "HALF_PRODUCTS", {"cuda": torch.float16, "cpu": half})
     exact = torch.matmul(a.float(), b.float().transpose(-1, -2))  # fp32 products of the stored (rounded) rows
     rows, cols = knn.nearest_similarities(a, b, both=True)
     assert rows.dtype == cols.dtype == torch.float32 and rows.shape == (6, 40) and cols.shape == (6, 50)
@@ -96,19 +96,21 @@ def test_half_features_pick_the_nearest_in_half_and_give_its_fp32_similarity(hal
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
-def test_fp32_rows_asked_for_half_candidates_keep_fp32_similarities_of_real_pairs(monkeypatch):
-    """References mode's rule: fp32 rows, the candidates picked by an fp16 product (on CUDA; here made to run on
-    the CPU), their similarities the fp32 dot products of the given rows. Off those devices ``half`` changes
-    nothing: the exact fp32 search."""
+@pytest.mark.parametrize("product", [torch.float16, torch.bfloat16])
+def test_fp32_rows_asked_for_half_candidates_keep_fp32_similarities_of_real_pairs(product, monkeypatch):
+    """References mode's rule: fp32 rows, the candidates picked by the device's half product (CUDA's fp16; here
+    made to run on the CPU, and bf16 as a CPU with native bf16 would), their similarities the fp32 dot products
+    of the given rows. Off those devices the request changes nothing: the exact fp32 search."""
     q, bank = _unit(300, 64, seed=31), _unit(500, 64, seed=32)
     exact = q @ bank.t()
     brute = knn.to_distance(exact.amax(dim=1))
-    torch.testing.assert_close(knn.nearest_distance(q, bank, half=torch.float16), brute, atol=0, rtol=0)
-    monkeypatch.setattr(knn, "HALF_PRODUCT_DEVICES", ("cuda", "cpu"))
+    torch.testing.assert_close(knn.nearest_distance(q, bank, half_candidates=True), brute, atol=0, rtol=0)
+    monkeypatch.setattr(knn, "HALF_PRODUCTS", {"cuda": torch.float16, "cpu": product})
     torch.testing.assert_close(knn.nearest_distance(q, bank), brute, atol=0, rtol=0)  # not asked: exact
-    (sim,) = knn.nearest_similarities(q, bank, half=torch.float16)
+    (sim,) = knn.nearest_similarities(q, bank, half_candidates=True)
+    ulp = 2.0 ** -8 if product == torch.bfloat16 else 2.0 ** -11  # the half product's spacing near 1
     assert sim.dtype == torch.float32 and sim.shape == (300,)
-    assert (sim <= exact.amax(dim=1) + 1e-6).all() and (sim >= exact.amax(dim=1) - 2 * 2.0 ** -11).all()
+    assert (sim <= exact.amax(dim=1) + 1e-6).all() and (sim >= exact.amax(dim=1) - 2 * ulp).all()
     assert torch.isclose(sim, exact.amax(dim=1), atol=1e-6).float().mean() > 0.98
     assert all(torch.isclose(exact[i], sim[i], atol=1e-6).any() for i in range(300))  # a real pair's fp32 value
 
@@ -117,7 +119,7 @@ def test_references_pick_candidates_in_the_compact_dtype_where_asked_and_exactly
                                                                                          monkeypatch):
     """An engine under "auto" asks references mode for fp16 candidates (taken on CUDA's devices, here patched to
     the CPU); dtype="fp32" asks for none: the exact search. Either way scores agree to fp16's near ties."""
-    monkeypatch.setattr(knn, "HALF_PRODUCT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(knn, "HALF_PRODUCTS", {"cuda": torch.float16, "cpu": torch.float16})
     picked = []
     best_dot = knn._best_dot
     monkeypatch.setattr(knn, "_best_dot", lambda a, b, index: picked.append(a.dtype) or best_dot(a, b, index))

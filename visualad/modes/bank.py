@@ -83,11 +83,11 @@ class ReferenceBank:
         return out
 
     def grid(self, queries: Dict[Tuple[int, int], torch.Tensor], exclude: Optional[int] = None,
-             half: Optional[torch.dtype] = None) -> torch.Tensor:
+             half_candidates: bool = False) -> torch.Tensor:
         """Mean nearest distance over (block, r) on the patch grid [B, g, g] (see :func:`references.bank_grid`)."""
         from .references import bank_grid
 
-        total = bank_grid(knn, self.features, self.shots, queries, exclude, half)
+        total = bank_grid(knn, self.features, self.shots, queries, exclude, half_candidates)
         g = int(round(math.sqrt(total.shape[1])))
         return total.view(-1, g, g)
 

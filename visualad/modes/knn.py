@@ -6,19 +6,20 @@ vectors, ``sqrt(2 - 2 cos)``, computed as matrix products in chunks so that memo
 number of images.
 
 fp32 features give the exact fp32 function. Half features (fp16: the set features an engine keeps under
-dtype="auto" or in bf16 or fp16, half the memory) are multiplied in fp16 on the devices of
-:data:`HALF_PRODUCT_DEVICES` (CUDA), and there the product only picks each patch's few nearest candidates: their
-similarities are recomputed as fp32 dot products of the stored rows (:func:`nearest_similarities`), so no distance
-is a rounded half product. References mode keeps fp32 rows (a small bank) and asks for the same half candidate
-product there (``half``): an fp32 product on CUDA runs without tensor cores. Elsewhere half features are upcast
-block by block and multiplied in fp32 (a CPU's fp16 product is emulated on most CPUs). Measured on shared/data
-(docs/modes.md, "Precision"): bf16 rows moved batch mode's metrics by up to 0.005, fp16 rows by at most 0.002,
-so the compact dtype is fp16 whatever the engine's half dtype.
+dtype="auto" or in bf16 or fp16, half the memory) are multiplied in a half dtype on the devices of
+:data:`HALF_PRODUCTS` (CUDA: fp16, on tensor cores), and there the product only picks each patch's few nearest
+candidates: their similarities are recomputed as fp32 dot products of the stored rows
+(:func:`nearest_similarities`), so no distance is a rounded half product. References mode keeps fp32 rows (a
+small bank) and asks for the same candidates there (``half_candidates``): an fp32 product on CUDA runs without
+tensor cores. Elsewhere half features are upcast block by block and multiplied in fp32 (a CPU's fp16 product is
+emulated on most CPUs). Measured on shared/data (docs/modes.md, "Precision"): bf16 rows moved batch mode's
+metrics by up to 0.005, fp16 rows by at most 0.002, so the compact dtype is fp16 whatever the engine's half
+dtype; candidates picked by an fp16 or bf16 product moved none.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +52,11 @@ def to_distance(sim: torch.Tensor) -> torch.Tensor:
 
 
 HALF = (torch.bfloat16, torch.float16)
-#: device types whose half features are multiplied in their dtype (elsewhere: upcast to fp32 first)
-HALF_PRODUCT_DEVICES: Tuple[str, ...] = ("cuda",)
+#: device type -> the dtype of the product that picks nearest candidates from half features (or from fp32 rows
+#: asked for ``half_candidates``); elsewhere one exact fp32 product. CPUs are left out: a CPU's half product is
+#: emulated on most, and where it is native (bf16) its speed here is not measured (``benchmarks/mode_speed.py
+#: --cpu-products bf16`` measures it on such a CPU)
+HALF_PRODUCTS: Dict[str, torch.dtype] = {"cuda": torch.float16}
 
 
 def _as_given(device: torch.device) -> Any:
@@ -62,16 +66,16 @@ def _as_given(device: torch.device) -> Any:
 
 
 def _for_product(rows: torch.Tensor) -> torch.Tensor:
-    """Rows as :func:`nearest_similarities` multiplies them: half rows off :data:`HALF_PRODUCT_DEVICES` upcast."""
-    return rows.float() if rows.dtype in HALF and rows.device.type not in HALF_PRODUCT_DEVICES else rows
+    """Rows as :func:`nearest_similarities` multiplies them: half rows off :data:`HALF_PRODUCTS` upcast."""
+    return rows.float() if rows.dtype in HALF and rows.device.type not in HALF_PRODUCTS else rows
 
 
-def _candidate_dtype(rows: torch.Tensor, half: Optional[torch.dtype]) -> Optional[torch.dtype]:
-    """The half dtype whose product picks the candidates of :func:`nearest_similarities`, or None for one exact
-    fp32 product: on :data:`HALF_PRODUCT_DEVICES`, the rows' own half dtype, else ``half`` if asked."""
-    if rows.device.type not in HALF_PRODUCT_DEVICES:
+def _candidate_dtype(rows: torch.Tensor, half_candidates: bool) -> Optional[torch.dtype]:
+    """The dtype of the product that picks the candidates of :func:`nearest_similarities` (half rows, or fp32
+    rows asked for ``half_candidates``, on a device of :data:`HALF_PRODUCTS`), or None: one exact fp32 product."""
+    if rows.dtype not in HALF and not half_candidates:
         return None
-    return rows.dtype if rows.dtype in HALF else (half if half in HALF else None)
+    return HALF_PRODUCTS.get(rows.device.type)
 
 
 #: nearest-row candidates a half product keeps per row; their fp32 similarities decide (a half product's
@@ -89,16 +93,16 @@ def _best_dot(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> torch.Te
 
 
 def nearest_similarities(a: torch.Tensor, b: torch.Tensor, both: bool = False,
-                         half: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
+                         half_candidates: bool = False) -> Tuple[torch.Tensor, ...]:
     """Batched [..., P, C] x [..., Q, C] (unit rows) -> the fp32 similarity of each row of ``a`` to its nearest
     row of ``b`` [..., P] (and, with ``both``, of each row of ``b`` to its nearest row of ``a``, [..., Q]).
 
-    fp32 inputs (and half inputs off :data:`HALF_PRODUCT_DEVICES`, upcast): the maxima of one fp32 product. Half
-    inputs on those devices (and fp32 inputs there with ``half``, a half dtype to multiply in): the product in
-    that dtype picks :data:`CANDIDATES` nearest rows, and the largest fp32 dot product of the given rows among
-    them is the similarity (always that of a real pair of rows; below the exact maximum only when more rows than
-    that tie within the half product's rounding)."""
-    product = _candidate_dtype(a, half)
+    fp32 inputs (and half inputs off :data:`HALF_PRODUCTS`, upcast): the maxima of one fp32 product. Half inputs
+    on those devices (and fp32 inputs there with ``half_candidates``): the product in the device's half dtype
+    picks :data:`CANDIDATES` nearest rows, and the largest fp32 dot product of the given rows among them is the
+    similarity (always that of a real pair of rows; below the exact maximum only when more rows than that tie
+    within the half product's rounding)."""
+    product = _candidate_dtype(a, half_candidates)
     if product is None:
         a, b = _for_product(a), _for_product(b)
     with _as_given(a.device):
@@ -112,16 +116,16 @@ def nearest_similarities(a: torch.Tensor, b: torch.Tensor, both: bool = False,
 
 
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS,
-                     half: Optional[torch.dtype] = None) -> torch.Tensor:
+                     half_candidates: bool = False) -> torch.Tensor:
     """Distance of each query row [Nq, C] to its nearest bank row [Nb, C] (unit vectors) -> [Nq] fp32, the
-    product in the queries' dtype, or its candidates in ``half`` (see :func:`nearest_similarities`).
+    product in the queries' dtype, or picking candidates (``half_candidates``, see :func:`nearest_similarities`).
 
     Exact in fp32; queries are taken in chunks of about ``chunk_elements / Nb`` rows, so memory is bounded."""
     bank = bank.to(queries.dtype)
     rows = max(1, chunk_elements // max(1, bank.shape[0]))
     out = torch.empty(queries.shape[0], device=queries.device, dtype=torch.float32)
     for s in range(0, queries.shape[0], rows):
-        out[s:s + rows] = nearest_similarities(queries[s:s + rows], bank, half=half)[0]
+        out[s:s + rows] = nearest_similarities(queries[s:s + rows], bank, half_candidates=half_candidates)[0]
     return to_distance(out)
 
 

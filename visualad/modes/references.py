@@ -20,12 +20,13 @@ NAME = "references"
 
 
 def bank_grid(ops: Any, features: Dict[Tuple[int, int], Any], shots: int, queries: Dict[Tuple[int, int], Any],
-              exclude: Optional[int] = None, half: Any = None) -> Any:
+              exclude: Optional[int] = None, half_candidates: bool = False) -> Any:
     """The nearest-reference search of both backends, over their kNN primitives (``ops``: :mod:`modes.knn` or
     :mod:`onnx.knn`): the mean nearest distance over (block, r), {key: [B, P, C]} -> [B, P]. ``exclude``
     leaves reference image ``exclude`` out (leave-one-out); with one reference, its own 3x3 neighbourhood.
-    ``half`` (torch only): the dtype of the product that picks nearest candidates (:func:`knn.nearest_distance`)."""
-    nearest = ops.nearest_distance if half is None else partial(ops.nearest_distance, half=half)
+    ``half_candidates`` (torch only): pick the nearest candidates with a half product where the device has one
+    (:func:`knn.nearest_distance`)."""
+    nearest = partial(ops.nearest_distance, half_candidates=True) if half_candidates else ops.nearest_distance
     total = None
     for key, q in queries.items():
         b, p, c = q.shape

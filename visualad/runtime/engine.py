@@ -40,7 +40,7 @@ class Engine:
         #: and stream mode): fp16 under "auto" and for a half engine (half the memory; fp16 products on CUDA),
         #: fp32 for dtype="fp32", the exact function (:mod:`visualad.modes.knn`). References mode keeps fp32 rows
         #: (its bank is small, and fp16 queries moved one metric by 0.0024: docs/modes.md, "Precision") and
-        #: only picks its nearest candidates in this dtype on CUDA
+        #: picks its nearest candidates with a half product on CUDA unless this is fp32
         self.feature_dtype = feature_dtype_for(dtype, self.dtype)
         self.model = model.to(self.device).eval()
         #: forwards run so far (batches through the model or the backbone): tests count work with it
@@ -122,8 +122,9 @@ class Engine:
         if bank.image_size != self.image_size:
             raise ConfigError(f"the reference bank was built at {bank.image_size} px and the model runs at "
                               f"{self.image_size} px: set the references again")
-        # the candidate product in the compact dtype (on CUDA; fp32 rows re-ranked), exact under dtype="fp32"
-        return bank.grid(bank.query(self.backbone_features(batch, bank.blocks)), half=self.feature_dtype)
+        # candidates from a half product (on CUDA; the fp32 rows decide), the exact search under dtype="fp32"
+        return bank.grid(bank.query(self.backbone_features(batch, bank.blocks)),
+                         half_candidates=self.feature_dtype in knn.HALF)
 
     def grid_to_map(self, grids: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
         """Patch grids [B, P] or [B, g, g] -> host smoothed maps [B, S, S] and their maxima [B]."""
