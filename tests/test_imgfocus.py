@@ -169,7 +169,7 @@ def test_cache_is_written_once_then_read(onnx_path, converted, tmp_path, monkeyp
     monkeypatch.setattr(imgfocus, "convert_imgfocus_onnx", boom)
     monkeypatch.setattr(imgfocus, "find_imgfocus_onnx", boom)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="visualad.weights.imgfocus"):
+    with caplog.at_level(logging.DEBUG, logger="visualad.weights.imgfocus"):  # every run's load: debug only
         second = imgfocus_state_dict()
     assert "loaded" in caplog.text and "cache" in caplog.text
     assert set(second) == set(first) and all(torch.equal(second[k], first[k]) for k in first)

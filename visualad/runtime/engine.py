@@ -151,7 +151,7 @@ class Engine:
         with torch.inference_mode():
             bank = build_bank(features(), blocks, rs, self.image_size)
         bank.to(self.device)
-        logger.info("reference bank: %d images, blocks %s, r %s, %.1f MB", bank.shots, blocks, tuple(rs),
+        logger.debug("reference bank: %d images, blocks %s, r %s, %.1f MB", bank.shots, blocks, tuple(rs),
                     bank.nbytes / 2**20)
         return bank
 
