@@ -152,7 +152,7 @@ class Engine:
             bank = build_bank(features(), blocks, rs, self.image_size)
         bank.to(self.device)
         logger.debug("reference bank: %d images, blocks %s, r %s, %.1f MB", bank.shots, blocks, tuple(rs),
-                    bank.nbytes / 2**20)
+                     bank.nbytes / 2**20)
         return bank
 
     # --- the pipeline, on this backend ---------------------------------------------------------------

