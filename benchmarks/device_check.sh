@@ -21,10 +21,11 @@ set -u
 OUT=${OUT:-/tmp/visualad-device-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # visualad from this checkout (it is not installed there)
 PY=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 status=0
 
