@@ -32,19 +32,10 @@ class Engine:
 
     def __init__(self, model: VisualAD, device: Union[str, torch.device] = "auto",
                  dtype: Union[str, torch.dtype] = "auto") -> None:
-        self.device = resolve_device(device)
-        #: the dtype as asked ("auto", a name or a torch dtype): an engine rebuilt from this one asks the same
-        self.requested_dtype = dtype
-        self.dtype = resolve_dtype(dtype, self.device)
-        #: the dtype a set's unit patch features are kept in between the forward and the mutual scoring (batch
-        #: and stream mode): fp16 under "auto" and for a half engine (half the memory; fp16 products on CUDA),
-        #: fp32 for dtype="fp32", the exact function (:mod:`visualad.modes.knn`). References mode keeps fp32 rows
-        #: (its bank is small, and fp16 queries moved one metric by 0.0024: docs/modes.md, "Precision") and
-        #: picks its nearest candidates with a half product on CUDA unless this is fp32
-        self.feature_dtype = feature_dtype_for(dtype, self.dtype)
-        self.model = model.to(self.device).eval()
+        self.model = model.eval()
         #: forwards run so far (batches through the model or the backbone): tests count work with it
         self.forwards = 0
+        self.to(device, dtype)
 
     #: the nearest-neighbour primitives on this backend's arrays (the pipeline and the modes call them)
     knn = knn
@@ -74,9 +65,16 @@ class Engine:
         return dtype_name(self.dtype)
 
     def to(self, device: Union[str, torch.device], dtype: Union[str, torch.dtype] = "auto") -> "Engine":
+        """The model on ``device``, run in ``dtype`` (resolved there: "auto" is bf16 on CUDA and native-bf16 CPUs)."""
         self.device = resolve_device(device)
+        # the dtype as asked ("auto", a name or a torch dtype): an engine rebuilt from this one asks the same
         self.requested_dtype = dtype
         self.dtype = resolve_dtype(dtype, self.device)
+        # the dtype a set's unit patch features are kept in between the forward and the mutual scoring (batch and
+        # stream mode): fp16 under "auto" and for a half engine (half the memory; fp16 products on CUDA), fp32 for
+        # dtype="fp32", the exact function (:mod:`visualad.modes.knn`). References mode keeps fp32 rows (its bank
+        # is small, and fp16 queries moved one metric by 0.0024: docs/modes.md, "Precision") and picks its
+        # nearest candidates with a half product on CUDA unless this is fp32
         self.feature_dtype = feature_dtype_for(dtype, self.dtype)
         self.model.to(self.device)
         return self
