@@ -151,7 +151,7 @@ _META_CASES = {
     "format version future": ("format_version", 99, "newer than this visualad understands"),
     "config list": ("config", [], "config must be an object"),
     "references shots": ("references", {"shots": "3"}, "references must be null or an object"),
-    "features count": ("features", ["f_1_1"], "features must name one output per block and r"),
+    "features count": ("features", ["ln_1", "ln_2", "ln_3"], "features must name one output per block"),
 }
 
 

@@ -27,14 +27,14 @@ def _images(n, seed=0, size=56):
 
 def test_products_stay_in_their_inputs_dtype_inside_a_bf16_autocast_region():
     """References mode scores inside the engine's autocast region; its fp32 rows must not be rounded to bf16."""
-    q, b = _unit(300, 64, seed=11), _unit(500, 64, seed=12)
-    exact = torch.cdist(q, b).min(dim=1).values
+    q, b = _unit(3, 100, 64, seed=11), _unit(500, 64, seed=12)
+    exact = torch.cdist(q.reshape(-1, 64), b).min(dim=1).values.reshape(1, 3, 100)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.matmul(q, b.t()).dtype == torch.bfloat16  # what autocast does to a plain product
-        got = knn.nearest_distance(q, b)
-        own = knn.nearest_outside_neighbourhood(q[:256], q[:256])
+        got = knn.nearest_distance(q, b, rs=(1,))
+        own = knn.nearest_outside_neighbourhood(q[0], q[0], rs=(1, 3))
     torch.testing.assert_close(got, exact, atol=1e-5, rtol=0)
-    torch.testing.assert_close(own, knn.nearest_outside_neighbourhood(q[:256], q[:256]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(own, knn.nearest_outside_neighbourhood(q[0], q[0], rs=(1, 3)), atol=1e-6, rtol=0)
 
 
 def test_a_held_out_reference_is_scored_from_the_bank_as_a_forward_against_the_others_would(tiny_detector):
@@ -57,18 +57,18 @@ def test_a_held_out_reference_is_scored_from_the_bank_as_a_forward_against_the_o
 
 
 def test_nearest_distance_chunked_equals_cdist():
-    q, b = _unit(37, 16, seed=1), _unit(53, 16, seed=2)
-    brute = torch.cdist(q, b).min(dim=1).values
-    for chunk in (1, 53, 7 * 53, 10**6):
-        torch.testing.assert_close(knn.nearest_distance(q, b, chunk_elements=chunk), brute, atol=1e-5, rtol=0)
+    q, b = _unit(7, 9, 16, seed=1), _unit(6 * 9, 16, seed=2)
+    brute = torch.cdist(q.reshape(-1, 16), b).min(dim=1).values.reshape(1, 7, 9)
+    for chunk in (1, 6 * 81, 7 * 6 * 81, 10**6):
+        torch.testing.assert_close(knn.nearest_distance(q, b, (1,), chunk_elements=chunk), brute, atol=1e-5, rtol=0)
 
 
 def test_core_takes_bf16_features_and_computes_fp32_distances():
     """The same code serves CPU and CUDA; under bf16 features the distances are fp32."""
     f = _unit(6, 16, 8, seed=3).to(torch.bfloat16)
-    d = knn.mutual_distances(f, compare_with=5)
-    assert d.dtype == torch.float32 and d.shape == (6, 5, 16)
-    assert knn.nearest_distance(f[0], f[1]).dtype == torch.float32
+    d = knn.mutual_distances(f, 5, (1, 3))
+    assert d.dtype == torch.float32 and d.shape == (2, 6, 5, 16)
+    assert knn.nearest_distance(f[:1], f[1], (1, 3)).dtype == torch.float32
 
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
@@ -77,10 +77,10 @@ def test_half_features_pick_the_nearest_in_half_and_give_its_fp32_similarity(hal
     dot product of the two stored rows: never above the exact maximum over the stored rows, below it only by a
     near tie of the half product. Off those devices half rows are multiplied in fp32: the exact maxima."""
     a, b = _unit(6, 40, 64, seed=21).to(half), _unit(6, 50, 64, seed=22).to(half)
-    upcast = knn.nearest_similarities(a, b, both=True)
+    upcast = [s[0] for s in knn.nearest_similarities(a, b, (1,), both=True)]
     monkeypatch.setattr(knn, "HALF_PRODUCTS", {"cuda": torch.float16, "cpu": half})
-    exact = torch.matmul(a.float(), b.float().transpose(-1, -2))  # fp32 products of the stored (rounded) rows
-    rows, cols = knn.nearest_similarities(a, b, both=True)
+    exact = torch.matmul(knn.aggregated(a, 1), knn.aggregated(b, 1).transpose(-1, -2))  # the stored rows, in fp32
+    rows, cols = (s[0] for s in knn.nearest_similarities(a, b, (1,), both=True))
     assert rows.dtype == cols.dtype == torch.float32 and rows.shape == (6, 40) and cols.shape == (6, 50)
     ulp = 2.0 ** -8 if half == torch.bfloat16 else 2.0 ** -11  # the half product's spacing near 1
     for got, want in ((rows, exact.amax(dim=-1)), (cols, exact.amax(dim=-2))):
@@ -89,8 +89,8 @@ def test_half_features_pick_the_nearest_in_half_and_give_its_fp32_similarity(hal
     # every value is the similarity of a real pair of rows (not a rounded product)
     assert all(torch.isclose(exact[i, j].unsqueeze(-1), rows[i, j], atol=1e-6).any() for i in range(6)
                for j in range(40))
-    f32 = knn.mutual_distances(_unit(9, 16, 32, seed=23), compare_with=8)
-    f16 = knn.mutual_distances(_unit(9, 16, 32, seed=23).to(half), compare_with=8)
+    f32 = knn.mutual_distances(_unit(9, 16, 32, seed=23), 8, (1, 3))
+    f16 = knn.mutual_distances(_unit(9, 16, 32, seed=23).to(half), 8, (1, 3))
     torch.testing.assert_close(f16, f32, atol=0.01, rtol=0)  # the storage rounding and near ties only
     for got, want in zip(upcast, (exact.amax(dim=-1), exact.amax(dim=-2))):  # on the CPU: fp32 products
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
@@ -101,13 +101,14 @@ def test_fp32_rows_asked_for_half_candidates_keep_fp32_similarities_of_real_pair
     """References mode's rule: fp32 rows, the candidates picked by the device's half product (CUDA's fp16; here
     made to run on the CPU, and bf16 as a CPU with native bf16 would), their similarities the fp32 dot products
     of the given rows. Off those devices the request changes nothing: the exact fp32 search."""
-    q, bank = _unit(300, 64, seed=31), _unit(500, 64, seed=32)
-    exact = q @ bank.t()
-    brute = knn.to_distance(exact.amax(dim=1))
-    torch.testing.assert_close(knn.nearest_distance(q, bank, half_candidates=True), brute, atol=0, rtol=0)
+    q, bank = _unit(300, 64, seed=31), _unit(600, 64, seed=32)  # two bank images of 300 rows
+    exact = knn.aggregated(q, 1) @ knn.aggregated(bank, 1).t()
+    brute = knn.to_distance(exact.amax(dim=1)).reshape(1, 1, 300)
+    torch.testing.assert_close(knn.nearest_distance(q[None], bank, (1,), half_candidates=True), brute, atol=1e-6,
+                               rtol=0)
     monkeypatch.setattr(knn, "HALF_PRODUCTS", {"cuda": torch.float16, "cpu": product})
-    torch.testing.assert_close(knn.nearest_distance(q, bank), brute, atol=0, rtol=0)  # not asked: exact
-    (sim,) = knn.nearest_similarities(q, bank, half_candidates=True)
+    torch.testing.assert_close(knn.nearest_distance(q[None], bank, (1,)), brute, atol=1e-6, rtol=0)  # not asked
+    sim = knn.nearest_similarities(q, bank, (1,), half_candidates=True)[0][0]
     ulp = 2.0 ** -8 if product == torch.bfloat16 else 2.0 ** -11  # the half product's spacing near 1
     assert sim.dtype == torch.float32 and sim.shape == (300,)
     assert (sim <= exact.amax(dim=1) + 1e-6).all() and (sim >= exact.amax(dim=1) - 2 * ulp).all()
@@ -130,7 +131,7 @@ def test_references_pick_candidates_in_the_compact_dtype_where_asked_and_exactly
         tiny_detector.to("cpu", dtype)
         picked.clear()
         out[dtype] = np.array([r.pred_score for r in tiny_detector.predict(images, mode="references")])
-        assert picked == ([] if dtype == "fp32" else [torch.float32] * 2)  # one per (block, r): fp32 rows
+        assert picked == ([] if dtype == "fp32" else [torch.float32] * 2)  # one per r: fp32 rows
     np.testing.assert_allclose(out["auto"], out["fp32"], atol=2e-3, rtol=0)
 
 
@@ -144,7 +145,7 @@ def test_auto_and_half_engines_keep_fp16_features_and_fp32_by_name_keeps_the_exa
     x = engine.prepare(_images(2))
     for dtype, want in (("fp32", torch.float32), ("bf16", torch.float16), ("auto", torch.float16)):
         engine.to("cpu", dtype)
-        assert {f.dtype for f in engine.features(x, (2,), (1, 3)).values()} == {want}
+        assert {f.dtype for f in engine.features(x, (2,)).values()} == {want}
     images = _images(10, seed=4)
     engine.to("cpu", "auto")
     assert tiny_detector.with_fresh_head().engine.feature_dtype == torch.float16  # a rebuilt engine asks alike
@@ -203,7 +204,7 @@ def test_auto_picks_batch_mode_for_any_long_input():
 @pytest.mark.parametrize("n,m", [(7, 6), (7, 10), (8, 7), (9, 4), (9, 5), (12, 1)])
 def test_mutual_distances_match_brute_force_partner_by_partner(n, m):
     f = _unit(n, 9, 8, seed=n + m)
-    d = knn.mutual_distances(f, compare_with=m, chunk_images=2)
+    d = knn.mutual_distances(f, m, (1,), chunk_images=2)[0]
     both, forward = knn.partner_offsets(n, m)
     want = min(m, n - 1)
     assert d.shape == (n, want, 9)
@@ -220,15 +221,85 @@ def test_mutual_distances_match_brute_force_partner_by_partner(n, m):
 def test_mutual_distances_index_through_the_order_without_copying_the_set():
     f = _unit(7, 9, 8, seed=11)
     order = torch.tensor([3, 6, 0, 5, 1, 4, 2])
-    torch.testing.assert_close(knn.mutual_distances(f, 4, order=order), knn.mutual_distances(f[order], 4),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(knn.mutual_distances(f, 4, (1, 3), order=order),
+                               knn.mutual_distances(f[order], 4, (1, 3)), atol=0, rtol=0)
 
 
 def test_distances_to_images_match_brute_force_in_any_chunk():
     q, imgs = _unit(9, 8, seed=12), _unit(5, 11, 8, seed=13)
-    brute = torch.stack([torch.cdist(q, im).min(dim=1).values for im in imgs])
+    brute = torch.stack([torch.cdist(q, im).min(dim=1).values for im in imgs])[None]
     for chunk in (1, 99, 10**6):
-        torch.testing.assert_close(knn.distances_to_images(q, imgs, chunk_elements=chunk), brute, atol=1e-5, rtol=0)
+        torch.testing.assert_close(knn.distances_to_images(q, imgs, (1,), chunk_elements=chunk), brute, atol=1e-5,
+                                   rtol=0)
+
+
+def _partners(p, n, m):
+    both, forward = knn.partner_offsets(n, m)
+    out = []
+    for off in both:
+        out += [(p + off) % n, (p - off) % n]
+    return out + [(p + off) % n for off in forward]
+
+
+def test_one_product_serves_every_r_as_the_definition_does_on_both_cores():
+    """The torch core multiplies layer-normed rows once and derives each r by a box filter on both grids; the
+    definition (MuSc's LNAMD, and the NumPy core) aggregates the rows per r and multiplies each: every search
+    gives the same distances."""
+    from visualad.onnx import knn as npknn
+
+    feats = torch.randn(5, 36, 16, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
+    rows, rs = knn.layer_normed(feats), (1, 3, 5)
+    units = {r: knn.lnamd(feats, r) for r in rs}
+
+    def brute(a, b):
+        return torch.cdist(a, b).min(dim=1).values
+
+    mutual = knn.mutual_distances(rows, 4, rs, chunk_images=2)
+    refs = knn.nearest_distance(rows[:2], rows[2:].reshape(-1, 16), rs, chunk_elements=36 * 36 * 3)
+    past = knn.distances_to_images(rows[0], rows[1:], rs)
+    own = knn.nearest_outside_neighbourhood(rows[0], rows[0], rs)
+    g = torch.arange(36)
+    near = ((g[:, None] // 6 - g[None] // 6).abs() <= 1) & ((g[:, None] % 6 - g[None] % 6).abs() <= 1)
+    for i, r in enumerate(rs):
+        u = units[r]
+        for p in range(5):
+            want = torch.stack([brute(u[p], u[j]) for j in _partners(p, 5, 4)])
+            torch.testing.assert_close(mutual[i, p], want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(refs[i], brute(u[:2].reshape(-1, 16), u[2:].reshape(-1, 16)).reshape(2, 36),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(past[i], torch.stack([brute(u[0], u[j]) for j in range(1, 5)]), atol=1e-5, rtol=0)
+        sim = (u[0] @ u[0].t()).masked_fill(near, -1.0)
+        torch.testing.assert_close(own[i], knn.to_distance(sim.amax(dim=1)), atol=1e-5, rtol=0)
+    x = rows.numpy()
+    np.testing.assert_allclose(npknn.mutual_distances(x, 4, rs, order=range(5)), mutual.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(npknn.nearest_distance(x[:2], x[2:].reshape(-1, 16), rs), refs.numpy(), atol=1e-5,
+                               rtol=0)
+    np.testing.assert_allclose(npknn.distances_to_images(x[0], x[1:], rs), past.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(npknn.nearest_outside_neighbourhood(x[0], x[0], rs), own.numpy(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="square grid"):
+        knn.mutual_distances(rows[:, :35], 4, rs)
+
+
+def test_a_bank_of_schema_three_scores_as_before_and_is_written_back_as_it_was(tmp_path):
+    """Unit rows per (block, r) of schema 3 are scored as they are, and equal a new bank's layer-normed rows."""
+    from visualad.modes.bank import build_bank
+
+    feats = torch.randn(4, 36, 16, generator=torch.Generator().manual_seed(6))
+    query = [torch.randn(2, 36, 16, generator=torch.Generator().manual_seed(7))]
+    old = ReferenceBank({(2, r): knn.lnamd(feats, r).reshape(-1, 16) for r in (1, 3)}, image_size=84, patches=36,
+                        rows="lnamd", digests=list("abcd"))
+    old.save(tmp_path / "old.safetensors")
+    loaded = ReferenceBank.load(tmp_path / "old.safetensors")
+    assert loaded.rows == "lnamd" and loaded.rs == (1,) and loaded.fingerprint == old.fingerprint
+    new = build_bank(((d, [feats[i:i + 1]]) for i, d in enumerate("abcd")), (2,), (1, 3), 84)
+    assert new.rows == "layernorm" and new.rs == (1, 3) and new.nbytes * 2 == old.nbytes  # one copy, not one per r
+    want = new.grid(new.query(query))
+    torch.testing.assert_close(loaded.grid(loaded.query(query)), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loaded.grid(loaded.query(query), exclude=1), new.grid(new.query(query), exclude=1),
+                               atol=1e-5, rtol=0)
+    for bad in ([2], [1, 3, 200]):
+        with pytest.raises(WeightsError, match="odd sizes"):
+            ReferenceBank({2: feats.reshape(-1, 16)}, image_size=84, patches=36, rs=bad).check()
 
 
 def test_interval_average_is_the_mean_of_the_lowest_fraction():
@@ -321,7 +392,7 @@ def test_references_persist_and_score_the_same_after_loading(tiny_detector, tmp_
     d = tiny_detector.save_pretrained(tmp_path / "m")
     meta = json.loads(__import__("safetensors").safe_open(str(d / "references.safetensors"), "pt").metadata()
                       ["visualad_references"])
-    assert meta["schema"] == "3" and meta["shots"] == 3 and len(meta["digests"]) == 3
+    assert meta["schema"] == "4" and meta["shots"] == 3 and len(meta["digests"]) == 3 and meta["r"] == [1, 3]
     loaded = AnomalyDetector.from_pretrained(d, device="cpu")
     after = loaded.predict(imgs)
     for a, b in zip(before, after):
@@ -339,7 +410,7 @@ def test_a_bank_of_schema_two_is_read_as_references_alone(tmp_path, caplog):
                      metadata={"visualad_references": json.dumps(meta)})
     with caplog.at_level(logging.WARNING):
         bank = ReferenceBank.load(tmp_path / "old.safetensors")
-    assert bank.blocks == (2,) and bank.rs == (1,) and bank.shots == 2 and not bank.layernorm
+    assert bank.blocks == (2,) and bank.rs == (1,) and bank.shots == 2 and bank.rows == "unit"
     assert "schema 2" in caplog.text
     meta["schema"] = "1"
     save_safetensors({"layer_2": feats}, tmp_path / "v1.safetensors",

@@ -80,6 +80,26 @@ def test_exported_references_travel_with_the_directory(tiny_detector, tmp_path):
     assert onnx.predict(x[0]).mode == "references"
 
 
+def test_an_export_of_format_one_runs_its_head_and_says_to_export_again_for_the_rest(tiny_detector, tmp_path):
+    """Format 1 gave unit rows per (block, r): its head still runs; the modes that need the rows say what to do."""
+    tiny_detector.to("cpu", "fp32")
+    out = tiny_detector.export_onnx(tmp_path / "e")
+    meta = json.loads((out / "visualad_onnx.json").read_text())
+    assert meta["format_version"] == 2 and meta["features"] == [f"ln_{b}" for b in meta["blocks"]]
+    meta.update(format_version=1, features=[f"f_{b}_{r}" for b in meta["blocks"] for r in meta["rs"]])
+    (out / "visualad_onnx.json").write_text(json.dumps(meta))
+    onnx = OnnxDetector(out)
+    rng = np.random.default_rng(2)
+    x = [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(4)]
+    _close(tiny_detector.predict(x, mode="head"), onnx.predict(x, mode="head"))
+    with pytest.raises(ConfigError, match="export"):
+        onnx.predict(x, mode="batch")
+    meta["references"] = {"shots": 2, "digests": ["a", "b"]}
+    (out / "visualad_onnx.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="format 1"):
+        OnnxDetector(out)
+
+
 def test_numpy_resize_matches_opencv():
     import cv2
 

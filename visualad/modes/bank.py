@@ -1,10 +1,11 @@
 """The reference bank of references mode (torch): the patch features of a few normal images of the product.
 
-The bank holds, per feature block and aggregation size r, the reference patches after the nearest-neighbour
-core's LNAMD (:mod:`visualad.modes.knn`); a test image is scored by the same core, the mean over blocks and
-r, upsampled and blurred like the head's map, and its maximum is the image score. Measured on shared/data
-(docs/batch-zero-shot.md, docs/modes.md): references alone beat the old fusion with the trained head.
-Banks of schema 1 and 2 (the 0.1 few-shot mode) are read and scored as references alone over their layers.
+The bank holds, per feature block, the reference patches layer-normed as the nearest-neighbour core takes them
+(:mod:`visualad.modes.knn`, which derives each aggregation size r when it scores); a test image is scored by the
+same core, the mean over blocks and r, upsampled and blurred like the head's map, and its maximum is the image
+score. Measured on shared/data (docs/batch-zero-shot.md, docs/modes.md): references alone beat the old fusion
+with the trained head. Banks of schema 3 (unit rows per block and r) are scored as they are, and those of schema
+2 (the 0.1 few-shot mode) as references alone over their layers.
 """
 from __future__ import annotations
 
@@ -25,23 +26,36 @@ from . import knn
 
 logger = logging.getLogger(__name__)
 
-BANK_SCHEMA = "3"  # 1 and 2: the fused few-shot bank (per-layer unit features, no LNAMD)
+BANK_SCHEMA = "4"  # 3: unit rows per (block, r); 1 and 2: the fused few-shot bank (per-layer unit features)
+#: what a bank's rows are: layer-normed per block (schema 4), or unit rows per (block, r) of schema 3, made by
+#: LNAMD or (from schema 2) by plain normalisation; these are scored as they are, each key with r = 1
+LAYERNORM, LNAMD, UNIT = "layernorm", "lnamd", "unit"
+MAX_R = 99
 
 
 class ReferenceBank:
-    """Reference patches per (block, r): unit rows [K * P, C]; ``digests`` name the K images in order."""
+    """Reference patches [K * P, C] per block (``rows`` = "layernorm"; the core derives each of ``rs``) or per
+    (block, r) (``rows`` = "lnamd" or "unit": banks of schema 3); ``digests`` name the K images in order."""
 
-    def __init__(self, features: Dict[Tuple[int, int], torch.Tensor], *, image_size: int, patches: int,
-                 digests: Sequence[str] = (), layernorm: bool = True, meta: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, features: Dict[Any, torch.Tensor], *, image_size: int, patches: int,
+                 rs: Sequence[int] = knn.DEFAULT_R, digests: Sequence[str] = (), rows: str = LAYERNORM,
+                 meta: Optional[Dict[str, Any]] = None) -> None:
         if not features:
             raise ConfigError("a reference bank needs at least one feature block")
-        self.features = {(int(b), int(r)): v for (b, r), v in features.items()}
-        self.blocks = tuple(sorted({b for b, _ in self.features}))
-        self.rs = tuple(sorted({r for _, r in self.features}))
+        if rows not in (LAYERNORM, LNAMD, UNIT):
+            raise ConfigError(f"reference bank rows must be {LAYERNORM!r}, {LNAMD!r} or {UNIT!r}, got {rows!r}")
+        self.rows = rows
+        if rows == LAYERNORM:
+            self.features: Dict[Any, torch.Tensor] = {int(b): v for b, v in features.items()}
+            self.blocks = tuple(sorted(self.features))
+            self.rs = tuple(int(r) for r in rs)
+        else:
+            self.features = {(int(b), int(r)): v for (b, r), v in features.items()}
+            self.blocks = tuple(sorted({b for b, _ in self.features}))
+            self.rs = (1,)  # each key's rows are aggregated already
         self.image_size = int(image_size)
         self.patches = int(patches)
         self.digests = list(digests)
-        self.layernorm = bool(layernorm)
         self.meta = dict(meta or {})
         self._fingerprint: Optional[str] = None
 
@@ -70,43 +84,52 @@ class ReferenceBank:
         return self
 
     def __repr__(self) -> str:
-        return (f"ReferenceBank(shots={self.shots}, blocks={self.blocks}, r={self.rs}, "
+        return (f"ReferenceBank(shots={self.shots}, blocks={self.blocks}, r={self.rs}, rows={self.rows!r}, "
                 f"image_size={self.image_size}, bytes={self.nbytes})")
 
     # --- features ----------------------------------------------------------------------------------
-    def query(self, block_features: Sequence[torch.Tensor]) -> Dict[Tuple[int, int], torch.Tensor]:
-        """Backbone features of a batch, one [B, N, C] per bank block -> unit rows per (block, r)."""
-        out = {}
+    def query(self, block_features: Sequence[torch.Tensor]) -> Dict[Any, torch.Tensor]:
+        """Backbone features of a batch, one [B, N, C] per bank block -> rows per key, as the bank's."""
+        out: Dict[Any, torch.Tensor] = {}
         for block, f in zip(self.blocks, block_features):
-            for r in self.rs:
-                out[(block, r)] = knn.lnamd(f, r) if self.layernorm else F.normalize(f.float(), dim=-1, eps=1e-8)
+            if self.rows == LAYERNORM:
+                out[block] = knn.layer_normed(f)
+                continue
+            for b, r in self.features:
+                if b == block:
+                    out[(b, r)] = knn.lnamd(f, r) if self.rows == LNAMD else F.normalize(f.float(), dim=-1, eps=1e-8)
         return out
 
-    def grid(self, queries: Dict[Tuple[int, int], torch.Tensor], exclude: Optional[int] = None,
+    def grid(self, queries: Dict[Any, torch.Tensor], exclude: Optional[int] = None,
              half_candidates: bool = False) -> torch.Tensor:
-        """Mean nearest distance over (block, r) on the patch grid [B, g, g] (see :func:`references.bank_grid`)."""
+        """Mean nearest distance over keys and r on the patch grid [B, g, g] (:func:`references.bank_grid`)."""
         from .references import bank_grid
 
-        total = bank_grid(knn, self.features, self.shots, queries, exclude, half_candidates)
+        total = bank_grid(knn, self.features, self.shots, queries, self.rs, exclude, half_candidates)
         g = int(round(math.sqrt(total.shape[1])))
         return total.view(-1, g, g)
 
     # --- persistence -------------------------------------------------------------------------------
     def save(self, path: PathLike) -> Path:
-        """One safetensors file (atomic): a tensor per (block, r) plus JSON metadata."""
+        """One safetensors file (atomic): a tensor per block (per (block, r) for a bank of schema 3, which is
+        written back as it was read) plus JSON metadata."""
         from ..weights.safe import save_safetensors
 
         meta = {"schema": BANK_SCHEMA, "shots": self.shots, "blocks": list(self.blocks), "r": list(self.rs),
                 "image_size": self.image_size, "patches": self.patches, "digests": self.digests,
-                "layernorm": self.layernorm, "bytes": self.nbytes, "extra": self.meta}
-        tensors = {f"block_{b}_r_{r}": v.detach().cpu().contiguous() for (b, r), v in self.features.items()}
+                "bytes": self.nbytes, "extra": self.meta}
+        if self.rows == LAYERNORM:
+            tensors = {f"block_{b}": v.detach().cpu().contiguous() for b, v in self.features.items()}
+        else:
+            meta.update(schema="3", r=sorted({r for _, r in self.features}), layernorm=self.rows == LNAMD)
+            tensors = {f"block_{b}_r_{r}": v.detach().cpu().contiguous() for (b, r), v in self.features.items()}
         save_safetensors(tensors, path, metadata={"format": "pt", "visualad_references": json.dumps(meta)})
         logger.info("saved reference bank: %d shots, %.1f MB -> %s", self.shots, self.nbytes / 2**20, path)
         return Path(path)
 
     @classmethod
     def load(cls, path: PathLike) -> "ReferenceBank":
-        """Read a bank written by :meth:`save` (schema 3) or by visualad 0.1 (schemas 1 and 2), on the CPU."""
+        """Read a bank written by :meth:`save` (schemas 4 and 3) or by visualad 0.1 (schemas 1 and 2), on the CPU."""
         from safetensors import safe_open
 
         from ..weights.safe import load_safetensors
@@ -119,11 +142,11 @@ class ReferenceBank:
         try:
             meta = json.loads(raw)
             schema = str(meta.get("schema"))
-            if schema == BANK_SCHEMA:
+            if schema in (BANK_SCHEMA, "3"):
                 feats = {_parse_key(k): v for k, v in tensors.items()}
-                bank = cls(feats, image_size=meta["image_size"], patches=meta["patches"],
-                           digests=meta.get("digests", ()), layernorm=bool(meta.get("layernorm", True)),
-                           meta=meta.get("extra"))
+                rows = LAYERNORM if schema == BANK_SCHEMA else LNAMD if meta.get("layernorm", True) else UNIT
+                bank = cls(feats, image_size=meta["image_size"], patches=meta["patches"], rs=meta["r"],
+                           digests=meta.get("digests", ()), rows=rows, meta=meta.get("extra"))
             elif schema in ("1", "2"):
                 bank = _read_legacy(meta, tensors, path)
             else:
@@ -148,6 +171,10 @@ class ReferenceBank:
         if len(shapes) != 1 or self.patches < 1 or next(iter(shapes))[0] % self.patches:
             raise WeightsError(f"malformed reference bank: shapes {sorted(shapes)} are not the same whole number "
                                f"of images of {self.patches} patches", source)
+        if not self.rs or not all(1 <= r <= MAX_R and r % 2 for r in self.rs):
+            raise WeightsError(f"malformed reference bank: r {list(self.rs)} are not odd sizes in 1..{MAX_R}", source)
+        if max(self.rs) > 1 and round(math.sqrt(self.patches)) ** 2 != self.patches:
+            raise WeightsError(f"malformed reference bank: {self.patches} patches do not form a square grid", source)
         if depth is not None and not all(1 <= b <= depth for b in self.blocks):
             raise WeightsError(f"reference bank blocks {self.blocks} do not exist in a {depth}-block backbone",
                                source)
@@ -156,8 +183,12 @@ class ReferenceBank:
                                f"{width}: it was built with another backbone", source)
 
 
-def _parse_key(key: str) -> Tuple[int, int]:
-    _, block, _, r = key.split("_")
+def _parse_key(key: str) -> Any:
+    """"block_7" (schema 4) -> 7; "block_7_r_3" (schema 3) -> (7, 3)."""
+    parts = key.split("_")
+    if len(parts) == 2 and parts[0] == "block":
+        return int(parts[1])
+    _, block, _, r = parts
     return int(block), int(r)
 
 
@@ -174,22 +205,22 @@ def _read_legacy(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor], path: P
     logger.warning("%s: a reference bank of visualad 0.1 (schema 2); scored as references alone over its "
                    "layers %s (the fusion with the head is gone); set the references again to use the new "
                    "features", path, sorted(b for b, _ in feats))
-    return ReferenceBank(feats, image_size=size, patches=patches, layernorm=False, meta={"legacy_schema": 2})
+    return ReferenceBank(feats, image_size=size, patches=patches, rows=UNIT, meta={"legacy_schema": 2})
 
 
 def build_bank(block_features: Iterable[Tuple[str, List[torch.Tensor]]], blocks: Sequence[int],
                rs: Sequence[int], image_size: int, meta: Optional[Dict[str, Any]] = None) -> ReferenceBank:
-    """A bank from (digest, per-block [1, N, C] backbone features) of each reference image."""
-    parts: Dict[Tuple[int, int], List[torch.Tensor]] = {(b, r): [] for b in blocks for r in rs}
+    """A bank from (digest, per-block [1, N, C] backbone features) of each reference image: layer-normed rows
+    per block, scored at each of ``rs``."""
+    parts: Dict[int, List[torch.Tensor]] = {b: [] for b in blocks}
     digests: List[str] = []
     patches = 0
     for digest, feats in block_features:
         digests.append(digest)
         for b, f in zip(blocks, feats):
             patches = f.shape[1]
-            for r in rs:
-                parts[(b, r)].append(knn.lnamd(f, r)[0])
+            parts[b].append(knn.layer_normed(f)[0])
     if not digests:
         raise ConfigError("references mode needs at least one reference image")
     feats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-    return ReferenceBank(feats, image_size=image_size, patches=patches, digests=digests, meta=meta)
+    return ReferenceBank(feats, image_size=image_size, patches=patches, rs=rs, digests=digests, meta=meta)

@@ -55,17 +55,18 @@ class BatchMode(Scorer):
         """The comparison order: sorted by content, then a seeded shuffle (independent of the input order)."""
         return partners.comparison_order(digests, self.seed)
 
-    def score_set(self, backend: Any, features: Dict[Tuple[int, int], Any], digests: Sequence[str]) -> Any:
-        """Unit features per (block, r), each [N, P, C] in input order -> patch-grid maps [N, P] (the
-        backend's arrays; its ``knn`` core computes)."""
+    def score_set(self, backend: Any, features: Dict[int, Any], digests: Sequence[str]) -> Any:
+        """Layer-normed rows per block, each [N, P, C] in input order -> patch-grid maps [N, P]: the mean over
+        blocks and r (the backend's arrays; its ``knn`` core computes)."""
         check_set_size(len(digests))
         order = self.order(digests)
         ops = backend.knn
         total = None
         for f in features.values():
-            s = ops.interval_average(ops.mutual_distances(f, self.compare_with, order=order), self.fraction)
+            d = ops.mutual_distances(f, self.compare_with, self.rs, order=order)  # [R, N, M, P]
+            s = ops.interval_average(d, self.fraction).sum(0)
             total = s if total is None else total + s
-        return ops.unpermute(total / len(features), order)
+        return ops.unpermute(total / (len(features) * len(self.rs)), order)
 
     def why(self, n_images: int, head_trained: bool) -> str:
         sets = f" in sets of at most {self.max_set}" if n_images > self.max_set else ""

@@ -8,7 +8,7 @@ docs/modes.md): references alone beat the old fusion with the trained head.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -19,13 +19,13 @@ from .base import NO_THRESHOLD, Scorer, register
 NAME = "references"
 
 
-def bank_grid(ops: Any, features: Dict[Tuple[int, int], Any], shots: int, queries: Dict[Tuple[int, int], Any],
+def bank_grid(ops: Any, features: Dict[Any, Any], shots: int, queries: Dict[Any, Any], rs: Sequence[int],
               exclude: Optional[int] = None, half_candidates: bool = False) -> Any:
     """The nearest-reference search of both backends, over their kNN primitives (``ops``: :mod:`modes.knn` or
-    :mod:`onnx.knn`): the mean nearest distance over (block, r), {key: [B, P, C]} -> [B, P]. ``exclude``
-    leaves reference image ``exclude`` out (leave-one-out); with one reference, its own 3x3 neighbourhood.
-    ``half_candidates`` (torch only): pick the nearest candidates with a half product where the device has one
-    (:func:`knn.nearest_distance`)."""
+    :mod:`onnx.knn`): the mean nearest distance over the bank's keys and ``rs``, {key: [B, P, C]} -> [B, P].
+    ``exclude`` leaves reference image ``exclude`` out (leave-one-out); with one reference, its own 3x3
+    neighbourhood. ``half_candidates`` (torch only): pick the nearest candidates with a half product where the
+    device has one (:func:`knn.nearest_similarities`)."""
     nearest = partial(ops.nearest_distance, half_candidates=True) if half_candidates else ops.nearest_distance
     total = None
     for key, q in queries.items():
@@ -35,17 +35,16 @@ def bank_grid(ops: Any, features: Dict[Tuple[int, int], Any], shots: int, querie
             raise ConfigError(f"the references hold features of size {bank.shape[1]}, the model gives {c}: they "
                               "come from another model; set the references again")
         if exclude is None:
-            d = nearest(q.reshape(b * p, c), bank).reshape(b, p)
+            d = nearest(q, bank, rs).sum(0)
         elif shots > 1:
-            d = nearest(q.reshape(b * p, c), ops.without_rows(bank, exclude * p, (exclude + 1) * p))
-            d = d.reshape(b, p)
+            d = nearest(q, ops.without_rows(bank, exclude * p, (exclude + 1) * p), rs).sum(0)
         else:
-            d = ops.stack([ops.nearest_outside_neighbourhood(q[i], bank) for i in range(b)])
+            d = ops.stack([ops.nearest_outside_neighbourhood(q[i], bank, rs).sum(0) for i in range(b)])
         total = d if total is None else total + d
-    return total / len(queries)
+    return total / (len(queries) * len(rs))
 
 
-def own_queries(features: Dict[Tuple[int, int], Any], shots: int, index: int) -> Dict[Tuple[int, int], Any]:
+def own_queries(features: Dict[Any, Any], shots: int, index: int) -> Dict[Any, Any]:
     """Reference ``index``'s stored rows as a one-image batch of queries, {key: [1, P, C]} (either backend's
     arrays): a reference scored against the others needs no forward, its features are in the bank."""
     out = {}

@@ -18,7 +18,7 @@ from .base import Scorer, register
 from .batch import NAME, BatchMode
 from .choice import MIN_IMAGES
 
-Features = Dict[Tuple[int, int], Any]  # (block, r) -> [P, C] unit rows of one image (the backend's arrays)
+Features = Dict[int, Any]  # block -> [P, C] layer-normed rows of one image (the backend's arrays)
 
 
 @register
@@ -73,10 +73,10 @@ class StreamMode(Scorer):
         ops = backend.knn
         total = None
         for key, f in features.items():
-            d = ops.distances_to_images(f, ops.stack([p[key] for p in self._past]))  # [W, P]
-            s = ops.interval_average(d, self._set.fraction)
+            d = ops.distances_to_images(f, ops.stack([p[key] for p in self._past]), self.rs)  # [R, W, P]
+            s = ops.interval_average(d, self._set.fraction).sum(0)
             total = s if total is None else total + s
-        return total / len(features)
+        return total / (len(features) * len(self.rs))
 
     def describe(self) -> Dict[str, Any]:
         return {"mode": NAME, "window": self.window, "warmup": self.warmup, "seed": self._set.seed}

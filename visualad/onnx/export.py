@@ -4,8 +4,9 @@
 Three graphs, each taking what the engine computes on the device, with a dynamic batch dimension:
 
 - ``head.onnx``: normalised images [B, 3, S, S] -> smoothed maps [B, S, S] and scores [B] (head mode);
-- ``features.onnx``: normalised images -> the unit patch features of the references and batch modes, one
-  output ``f_<block>_<r>`` [B, N, C] per (block, r) (the backbone stops at its deepest feature block);
+- ``features.onnx``: normalised images -> the layer-normed patch rows of the references and batch modes, one
+  output ``ln_<block>`` [B, N, C] per block (the backbone stops at its deepest feature block; the NumPy core
+  aggregates each r);
 - ``grid_to_map.onnx``: patch-grid maps [B, g, g] -> smoothed maps [B, S, S] (the head's upsampling and blur).
 
 The nearest-neighbour search itself runs in NumPy (``visualad.onnx.knn``). ``visualad_onnx.json`` holds the
@@ -26,6 +27,7 @@ import torch
 
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..modes import knn
+from ..modes.bank import LAYERNORM
 from ..types import PathLike
 from .meta import FORMAT, FORMAT_VERSION, META_NAME
 
@@ -44,13 +46,12 @@ class _Head(torch.nn.Module):
 
 
 class _Features(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, blocks: Tuple[int, ...], rs: Tuple[int, ...]) -> None:
+    def __init__(self, model: torch.nn.Module, blocks: Tuple[int, ...]) -> None:
         super().__init__()
-        self.model, self.blocks, self.rs = model, blocks, rs
+        self.model, self.blocks = model, blocks
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        feats = self.model.backbone_features(images, self.blocks)
-        return tuple(knn.lnamd(f, r) for f in feats for r in self.rs)
+        return tuple(knn.layer_normed(f) for f in self.model.backbone_features(images, self.blocks))
 
 
 class _GridToMap(torch.nn.Module):
@@ -92,8 +93,8 @@ def export_onnx(engine: Any, out_dir: PathLike, references: Optional[Any] = None
     blocks, rs = knn.blocks_for_depth(model.backbone.depth), knn.DEFAULT_R
     images = torch.zeros(2, 3, size, size)
     _export(_Head(model), images, out / "head.onnx", ["images"], ["maps", "scores"])
-    names = [f"f_{b}_{r}" for b in blocks for r in rs]
-    _export(_Features(model, blocks, rs), images, out / "features.onnx", ["images"], names)
+    names = [f"ln_{b}" for b in blocks]
+    _export(_Features(model, blocks), images, out / "features.onnx", ["images"], names)
     _export(_GridToMap(model), torch.zeros(2, grid, grid), out / "grid_to_map.onnx", ["grid"], ["maps"])
     bank = references
     meta: Dict = {
@@ -107,10 +108,10 @@ def export_onnx(engine: Any, out_dir: PathLike, references: Optional[Any] = None
                                                   "fingerprint": bank.fingerprint},
     }
     if bank is not None:
-        if bank.blocks != tuple(blocks) or bank.rs != tuple(rs) or not bank.layernorm:
+        if bank.blocks != tuple(blocks) or bank.rs != tuple(rs) or bank.rows != LAYERNORM:
             raise ValueError("the reference bank uses other features than the exported graph: set the "
                              "references again before exporting")
-        arrays = {f"f_{b}_{r}": v.detach().cpu().float().numpy() for (b, r), v in bank.features.items()}
+        arrays = {f"ln_{b}": v.detach().cpu().float().numpy() for b, v in bank.features.items()}
         atomic_write_bytes(out / "references.npz", _npz_bytes(arrays))
     elif (out / "references.npz").exists():
         (out / "references.npz").unlink()

@@ -10,7 +10,9 @@ from ..errors import ConfigError
 from ..types import PathLike
 
 FORMAT = "visualad-onnx"
-FORMAT_VERSION = 1
+#: 2: the features graph gives layer-normed rows per block (``ln_<block>``); 1 gave unit rows per (block, r),
+#: which the NumPy core no longer takes (head mode still runs them)
+FORMAT_VERSION = 2
 META_NAME = "visualad_onnx.json"
 
 
@@ -75,10 +77,10 @@ def _check_fields(meta: Dict[str, Any], path: PathLike) -> None:
     if meta.get("depth") is not None and (not _is_int(meta["depth"]) or not 1 <= meta["depth"] <= 1000):
         problems.append(f"depth must be a whole number in 1..1000, got {meta.get('depth')!r}")
     names = meta.get("features")
+    per = 1 if meta.get("format_version", 1) >= 2 or not isinstance(meta.get("rs"), list) else len(meta["rs"])
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)
-                                  and isinstance(meta.get("blocks"), list) and isinstance(meta.get("rs"), list)
-                                  and len(names) == len(meta["blocks"]) * len(meta["rs"])):
-        problems.append("features must name one output per block and r")
+                                  and isinstance(meta.get("blocks"), list) and len(names) == len(meta["blocks"]) * per):
+        problems.append("features must name one output per block" + (" and r" if per > 1 else ""))
     if not isinstance(meta.get("config"), dict):
         problems.append("config must be an object (the model's config.json)")
     refs = meta.get("references")

@@ -1,7 +1,7 @@
 """OnnxDetector: an exported model run with onnxruntime, NumPy and Pillow only (no torch anywhere).
 
 :class:`OnnxBackend` is the onnxruntime backend of the one pipeline (:mod:`visualad.runtime.pipeline`): the
-graphs compute the maps (head) or the unit patch features (references, batch, stream) and the map's
+graphs compute the maps (head) or the layer-normed patch rows (references, batch, stream) and the map's
 upsampling and blur; the nearest-neighbour search runs in NumPy (:mod:`visualad.onnx.knn`) in the partner order
 the torch core uses; maps go back to each image's size with a NumPy bilinear resize that matches OpenCV's.
 :class:`OpenVinoBackend` runs the same graphs with OpenVINO (the ``openvino`` extra): everything but the graphs'
@@ -64,11 +64,12 @@ def resize_bilinear(m: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 class ArrayBank:
-    """A reference bank of unit features as NumPy arrays, per (block, r): rows [K * P, C]."""
+    """A reference bank as NumPy arrays: layer-normed rows [K * P, C] per block, scored at each of ``rs``."""
 
-    def __init__(self, features: Dict[Tuple[int, int], np.ndarray], digests: Sequence[str],
+    def __init__(self, features: Dict[int, np.ndarray], digests: Sequence[str], rs: Sequence[int],
                  fingerprint: Optional[str] = None) -> None:
         self.features = features
+        self.rs = tuple(rs)
         self.digests = list(digests)
         self.shots = len(self.digests)
         if fingerprint is None:
@@ -79,9 +80,9 @@ class ArrayBank:
             fingerprint = h.hexdigest()[:16]
         self.fingerprint = fingerprint
 
-    def grid(self, queries: Dict[Tuple[int, int], np.ndarray], exclude: Optional[int] = None) -> np.ndarray:
-        """Mean nearest distance over (block, r): {key: [B, P, C]} -> [B, P] (see :func:`references.bank_grid`)."""
-        return bank_grid(knn, self.features, self.shots, queries, exclude)
+    def grid(self, queries: Dict[int, np.ndarray], exclude: Optional[int] = None) -> np.ndarray:
+        """Mean nearest distance over blocks and r: {block: [B, P, C]} -> [B, P] (:func:`references.bank_grid`)."""
+        return bank_grid(knn, self.features, self.shots, queries, self.rs, exclude)
 
 
 @dataclass
@@ -117,7 +118,8 @@ class OnnxBackend:
             raise ConfigError(f"{META_NAME}: no depth, and blocks {self.meta['blocks']} are not those of any depth",
                               self.path)
         self.depth = int(depth)
-        self.keys = [(int(b), int(r)) for b in self.meta["blocks"] for r in self.meta["rs"]]
+        self.blocks = [int(b) for b in self.meta["blocks"]]
+        self.rs = tuple(int(r) for r in self.meta["rs"])
         self._mean = np.asarray(self.meta["pixel_mean"], np.float32).reshape(1, 3, 1, 1)
         self._std = np.asarray(self.meta["pixel_std"], np.float32).reshape(1, 3, 1, 1)
         self._providers = providers or ["CPUExecutionProvider"]
@@ -193,21 +195,26 @@ class OnnxBackend:
         maps, scores = self._run("head", {"images": batch}, [(n, size, size), (n,)])
         return maps, scores
 
-    def features(self, batch: np.ndarray, blocks: Sequence[int], rs: Sequence[int]
-                 ) -> Dict[Tuple[int, int], np.ndarray]:
-        wanted = [(int(b), int(r)) for b in blocks for r in rs]
-        missing = [k for k in wanted if k not in self.keys]
+    def _current(self) -> None:
+        """Exports of format 1 give unit rows per (block, r), which the NumPy core no longer takes."""
+        if self.meta["format_version"] < 2:
+            raise ConfigError(f"this export (format {self.meta['format_version']}) was made by an older visualad; "
+                              "its head mode runs, its references, batch and stream modes need it exported "
+                              "again (visualad export)", self.path)
+
+    def features(self, batch: np.ndarray, blocks: Sequence[int]) -> Dict[int, np.ndarray]:
+        self._current()
+        missing = [int(b) for b in blocks if int(b) not in self.blocks]
         if missing:
-            raise ConfigError(f"this export holds the features of blocks {self.meta['blocks']} and r "
-                              f"{self.meta['rs']}, not {missing}", self.path)
+            raise ConfigError(f"this export holds the features of blocks {self.blocks}, not {missing}", self.path)
         self.forwards += 1
         tokens = int(self.meta["grid"]) ** 2
-        shapes = [(len(batch), tokens, -1)] * len(self.keys)
-        outs = dict(zip(self.keys, self._run("features", {"images": batch}, shapes)))
-        return {k: outs[k] for k in wanted}
+        shapes = [(len(batch), tokens, -1)] * len(self.blocks)
+        outs = dict(zip(self.blocks, self._run("features", {"images": batch}, shapes)))
+        return {int(b): outs[int(b)] for b in blocks}
 
     def references_grid(self, batch: np.ndarray, bank: ArrayBank) -> np.ndarray:
-        return bank.grid(self.features(batch, self.meta["blocks"], self.meta["rs"]))
+        return bank.grid(self.features(batch, self.blocks))
 
     def grid_to_map(self, grids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         g = int(self.meta["grid"])
@@ -220,31 +227,31 @@ class OnnxBackend:
         """The bank of these normal images (the export's feature blocks)."""
         if not items:
             raise ConfigError("references mode needs at least one reference image")
-        parts: Dict[Tuple[int, int], List[np.ndarray]] = {k: [] for k in self.keys}
+        parts: Dict[int, List[np.ndarray]] = {b: [] for b in self.blocks}
         digests: List[str] = []
         for chunk in pipeline.read(self, items, batch_size, on_error="raise", label="reference"):
-            for k, v in self.features(self.prepare([x.square for x in chunk]), self.meta["blocks"],
-                                      self.meta["rs"]).items():
+            for k, v in self.features(self.prepare([x.square for x in chunk]), self.blocks).items():
                 parts[k].append(v.reshape(-1, v.shape[-1]))
             digests += [image_digest(x.square) for x in chunk]
-        return ArrayBank({k: np.concatenate(v) for k, v in parts.items()}, digests)
+        return ArrayBank({k: np.concatenate(v) for k, v in parts.items()}, digests, self.rs)
 
     def load_references(self) -> Optional[ArrayBank]:
         """The bank saved with the export, if any: plain float arrays of the export's features, no pickles."""
         info = self.meta.get("references")
         if not info:
             return None
+        self._current()
         file = self.path / "references.npz"
         shots, tokens = int(info["shots"]), int(self.meta["grid"]) ** 2
-        feats: Dict[Tuple[int, int], np.ndarray] = {}
+        feats: Dict[int, np.ndarray] = {}
         try:
             with np.load(file, allow_pickle=False) as npz:
-                for k in self.keys:
-                    arr = npz[f"f_{k[0]}_{k[1]}"]
+                for b in self.blocks:
+                    arr = npz[f"ln_{b}"]
                     if arr.dtype.kind != "f" or arr.ndim != 2 or arr.shape[0] != shots * tokens or arr.shape[1] < 1:
-                        raise WeightsError(f"references.npz: f_{k[0]}_{k[1]} is {arr.dtype} {list(arr.shape)}, not "
+                        raise WeightsError(f"references.npz: ln_{b} is {arr.dtype} {list(arr.shape)}, not "
                                            f"float [{shots} x {tokens}, C]", self.path)
-                    feats[k] = arr.astype(np.float32)
+                    feats[b] = arr.astype(np.float32)
         except VisualADError:
             raise
         except (OSError, ValueError, KeyError, EOFError) as exc:  # random bytes, object arrays, missing arrays
@@ -254,7 +261,7 @@ class OnnxBackend:
         digests = info.get("digests") or [""] * shots
         if len(digests) != shots:
             raise WeightsError(f"{META_NAME}: references name {len(digests)} digests for {shots} shots", self.path)
-        return ArrayBank(feats, digests, info.get("fingerprint"))
+        return ArrayBank(feats, digests, self.rs, info.get("fingerprint"))
 
 
 class OpenVinoBackend(OnnxBackend):

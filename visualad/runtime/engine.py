@@ -2,7 +2,7 @@
 (:mod:`visualad.runtime.pipeline`).
 
 uint8 squares -> one normalised batch on the device (the model's ``pixel_mean``/``pixel_std`` buffers) -> the
-head's maps, or the frozen backbone's unit patch features for the nearest-neighbour modes -> grids -> the
+head's maps, or the frozen backbone's layer-normed patch rows for the nearest-neighbour modes -> grids -> the
 head's upsampling and blur -> host maps and scores. Tasks (calibrate, evaluate, reference banks, finetune)
 take an Engine; none reaches back into the detector.
 """
@@ -70,7 +70,7 @@ class Engine:
         # the dtype as asked ("auto", a name or a torch dtype): an engine rebuilt from this one asks the same
         self.requested_dtype = dtype
         self.dtype = resolve_dtype(dtype, self.device)
-        # the dtype a set's unit patch features are kept in between the forward and the mutual scoring (batch and
+        # the dtype a set's layer-normed patch rows are kept in between the forward and the mutual scoring (batch and
         # stream mode): fp16 under "auto" and for a half engine (half the memory; fp16 products on CUDA), fp32 for
         # dtype="fp32", the exact function (:mod:`visualad.modes.knn`). References mode keeps fp32 rows (its bank
         # is small, and fp16 queries moved one metric by 0.0024: docs/modes.md, "Precision") and picks its
@@ -108,13 +108,12 @@ class Engine:
         with torch.inference_mode(), self.autocast():
             return self.model.backbone_features(batch, blocks)
 
-    def features(self, batch: torch.Tensor, blocks: Sequence[int], rs: Sequence[int]
-                 ) -> Dict[Tuple[int, int], torch.Tensor]:
-        """Unit patch features (LNAMD) per (block, r) of a prepared batch for a set or a stream, each [B, N, C]
-        in ``feature_dtype``."""
+    def features(self, batch: torch.Tensor, blocks: Sequence[int]) -> Dict[int, torch.Tensor]:
+        """Layer-normed patch rows per block of a prepared batch for a set or a stream, each [B, N, C] in
+        ``feature_dtype`` (the kNN core derives every aggregation size r from them)."""
         feats = self.backbone_features(batch, blocks)
         with torch.inference_mode():
-            return {(b, r): knn.lnamd(f, r).to(self.feature_dtype) for b, f in zip(blocks, feats) for r in rs}
+            return {b: knn.layer_normed(f).to(self.feature_dtype) for b, f in zip(blocks, feats)}
 
     def references_grid(self, batch: torch.Tensor, bank: ReferenceBank) -> torch.Tensor:
         if bank.image_size != self.image_size:
@@ -132,7 +131,7 @@ class Engine:
 
     def build_references(self, items: Sequence[Any], batch_size: int = 8, blocks: Optional[Sequence[int]] = None,
                          rs: Sequence[int] = knn.DEFAULT_R) -> ReferenceBank:
-        """The bank of these normal images: the frozen backbone's features at the mode's blocks, LNAMD per r."""
+        """The bank of these normal images: the frozen backbone's layer-normed rows at the mode's blocks."""
         if not items:
             raise ConfigError("references mode needs at least one reference image")
         blocks = tuple(blocks) if blocks else knn.blocks_for_depth(self.depth)

@@ -8,8 +8,8 @@ scorer's ``kind``: ``images`` (a batch at a time), ``set`` (a set's features, th
 
 A backend provides: ``image_size``, ``depth``, ``dtype_name``, ``knn`` (the nearest-neighbour primitives on
 its arrays: ``mutual_distances``, ``interval_average``, ``distances_to_images``, ``stack``, ``empty_rows``,
-``unpermute``), ``prepare(squares)``, ``score(batch, scorer)``, ``features(batch, blocks, rs)``,
-``references_grid(batch, bank)``, ``grid_to_map(grids) -> (maps, scores)`` on the host,
+``unpermute``), ``prepare(squares)``, ``score(batch, scorer)``, ``features(batch, blocks)`` (layer-normed rows
+per block), ``references_grid(batch, bank)``, ``grid_to_map(grids) -> (maps, scores)`` on the host,
 ``inference()`` (the context set and stream scoring run in) and ``build_references(items, batch_size)``.
 """
 from __future__ import annotations
@@ -64,13 +64,13 @@ def _set(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_size: 
     slack = limit // 4
     room = limit + slack + batch_size if expected is None else min(expected, limit + slack + batch_size)
     loaded: List[Loaded] = []  # inputs not yet out, in order (failed ones too)
-    store: Dict[Tuple[int, int], Any] = {}  # per (block, r): one array [capacity, P, C], filled to `count`
+    store: Dict[int, Any] = {}  # per block: one array [capacity, P, C], filled to `count`
     count = 0
     digests: List[str] = []
     for chunk in chunks:
         good = [x for x in chunk if x.ok]
         if good:
-            for key, f in backend.features(backend.prepare([x.square for x in good]), blocks, scorer.rs).items():
+            for key, f in backend.features(backend.prepare([x.square for x in good]), blocks).items():
                 store[key] = _room(backend.knn, store.get(key), count, f, room)
                 store[key][count:count + len(good)] = f
             count += len(good)
@@ -105,7 +105,7 @@ def _through(loaded: List[Loaded], n_ok: int) -> int:
     return len(loaded)
 
 
-def _score_set(backend: Any, scorer: Any, features: Dict[Tuple[int, int], Any], digests: List[str],
+def _score_set(backend: Any, scorer: Any, features: Dict[int, Any], digests: List[str],
                loaded: List[Loaded], batch_size: int) -> Iterator[Scored]:
     """One set's results, in input order: its grids, then maps a batch at a time (failed inputs in place)."""
     with backend.inference():
@@ -152,7 +152,7 @@ def _stream(backend: Any, chunks: Iterable[List[Loaded]], scorer: Any, batch_siz
         good = [x for x in chunk if x.ok]
         waiting.extend(chunk)
         if good:
-            feats = backend.features(backend.prepare([x.square for x in good]), blocks, scorer.rs)
+            feats = backend.features(backend.prepare([x.square for x in good]), blocks)
             with backend.inference():
                 for i, x in enumerate(good):
                     ready.extend(scorer.feed(backend, {k: v[i] for k, v in feats.items()}, image_digest(x.square)))
