@@ -201,21 +201,29 @@ def test_auto_picks_batch_mode_for_any_long_input():
     assert BatchMode().why(5000, True).startswith(f"5000 images scored against each other in sets of at most {MAX_SET}")
 
 
+def _partners(p, n, m):
+    both, forward = knn.partner_offsets(n, m)
+    out = []
+    for off in both:
+        out += [(p + off) % n, (p - off) % n]
+    return out + [(p + off) % n for off in forward]
+
+
 @pytest.mark.parametrize("n,m", [(7, 6), (7, 10), (8, 7), (9, 4), (9, 5), (12, 1)])
 def test_mutual_distances_match_brute_force_partner_by_partner(n, m):
+    """Each image meets exactly min(m, n - 1) others; the core keeps the ``keep`` smallest distances, ascending."""
     f = _unit(n, 9, 8, seed=n + m)
     d = knn.mutual_distances(f, m, (1,), chunk_images=2)[0]
-    both, forward = knn.partner_offsets(n, m)
     want = min(m, n - 1)
     assert d.shape == (n, want, 9)
     for p in range(n):
-        partners = []
-        for off in both:
-            partners += [(p + off) % n, (p - off) % n]
-        partners += [(p + off) % n for off in forward]
+        partners = _partners(p, n, m)
         assert len(set(partners)) == want and p not in partners
-        brute = torch.stack([torch.cdist(f[p], f[j]).min(dim=1).values for j in partners])
+        brute = torch.stack([torch.cdist(f[p], f[j]).min(dim=1).values for j in partners]).sort(dim=0).values
         torch.testing.assert_close(d[p], brute, atol=1e-5, rtol=0)
+        for keep in (1, 2):
+            lowest = knn.mutual_distances(f, m, (1,), chunk_images=3, keep=keep)[0]
+            torch.testing.assert_close(lowest[p], brute[:keep], atol=1e-5, rtol=0)
 
 
 def test_mutual_distances_index_through_the_order_without_copying_the_set():
@@ -231,14 +239,6 @@ def test_distances_to_images_match_brute_force_in_any_chunk():
     for chunk in (1, 99, 10**6):
         torch.testing.assert_close(knn.distances_to_images(q, imgs, (1,), chunk_elements=chunk), brute, atol=1e-5,
                                    rtol=0)
-
-
-def _partners(p, n, m):
-    both, forward = knn.partner_offsets(n, m)
-    out = []
-    for off in both:
-        out += [(p + off) % n, (p - off) % n]
-    return out + [(p + off) % n for off in forward]
 
 
 def test_one_product_serves_every_r_as_the_definition_does_on_both_cores():
@@ -263,7 +263,7 @@ def test_one_product_serves_every_r_as_the_definition_does_on_both_cores():
     for i, r in enumerate(rs):
         u = units[r]
         for p in range(5):
-            want = torch.stack([brute(u[p], u[j]) for j in _partners(p, 5, 4)])
+            want = torch.stack([brute(u[p], u[j]) for j in _partners(p, 5, 4)]).sort(dim=0).values
             torch.testing.assert_close(mutual[i, p], want, atol=1e-5, rtol=0)
         torch.testing.assert_close(refs[i], brute(u[:2].reshape(-1, 16), u[2:].reshape(-1, 16)).reshape(2, 36),
                                    atol=1e-5, rtol=0)

@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from .partners import (DEFAULT_BLOCK_FRACTIONS, DEFAULT_FRACTION, DEFAULT_R,  # noqa: F401 - the core's API
-                       blocks_for_depth, partner_offsets)
+                       blocks_for_depth, interval_count, partner_offsets)
 
 CHUNK_ELEMENTS = 1 << 24  # similarity-matrix elements per chunk (64 MB in fp32)
-#: similarities per block of image pairs (8 MB): larger blocks leave the cache and were measured 2x slower per
-#: image on ViT-S at 224 px (benchmarks/mode_speed.py); the r x r box filter of a block runs in the cache too
-PAIR_BLOCK_ELEMENTS = 1 << 21
+#: similarities per block of image pairs (4 MB): 2^24 left the cache and was measured 2x slower per image on
+#: ViT-S at 224 px (benchmarks/mode_speed.py); with the box filter's few copies of a block, 2^20 ran as fast as
+#: 2^21 and held 56 MiB less at N = 256 (16 pairs a block at 224 px)
+PAIR_BLOCK_ELEMENTS = 1 << 20
 
 
 def grid_side(n: int) -> int:
@@ -222,25 +223,39 @@ def distances_to_images(query: torch.Tensor, images: torch.Tensor, rs: Sequence[
 def interval_average(distances: torch.Tensor, fraction: float = DEFAULT_FRACTION) -> torch.Tensor:
     """[..., M, P] distances of each patch to M other images -> [..., P]: mean of the lowest
     ``k = max(1, floor(fraction * M))`` (sorted first, so the result does not depend on the images' order)."""
-    m = distances.shape[-2]
-    k = max(1, int(math.floor(fraction * m)))
+    k = interval_count(distances.shape[-2], fraction)
     return distances.topk(k, dim=-2, largest=False, sorted=True).values.mean(dim=-2)
 
 
+def _insert(lowest: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
+    """One more distance per patch [R, b, P] into the ascending lists ``lowest[:, rows]`` [R, b, K, P]: the
+    largest of the K + 1 drops out (a min/max pass per place: K is a few)."""
+    kept = lowest[:, rows]
+    for j in range(kept.shape[2]):
+        place = kept[:, :, j]
+        smaller = torch.minimum(place, new)
+        new = torch.maximum(place, new)
+        kept[:, :, j] = smaller
+    lowest[:, rows] = kept
+
+
 def mutual_distances(features: torch.Tensor, compare_with: int, rs: Sequence[int], chunk_images: int = 0,
-                     order: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Mutual scoring of a set: layer-normed rows [N, P, C] -> [R, N, M, P] in comparison order, per r each
-    patch's nearest distance in each of its M = min(compare_with, N - 1) partner images.
+                     order: Optional[Sequence[int]] = None, keep: Optional[int] = None) -> torch.Tensor:
+    """Mutual scoring of a set: layer-normed rows [N, P, C] -> [R, N, K, P] in comparison order: per r, the K
+    (``keep``, default all) smallest of each patch's nearest distances in its M = min(compare_with, N - 1)
+    partner images, ascending.
 
     ``order`` (a permutation of the N images, default as given) is the comparison order: row i of the output
     is image ``order[i]``; the features are indexed through it, never copied whole. One batched product per
     offset and block of images gives both directions of a pair (row maxima for p, column maxima for its
-    partner) and every r, so the work is N * M / 2 pair products; memory is the output plus one block of
-    similarities and the block's window of partner images."""
+    partner) and every r, so the work is N * M / 2 pair products; memory is the K smallest distances (the
+    interval average keeps 6 of 64: 12 MB at N = 1024 instead of 128 MB for all) plus one block of similarities
+    and the block's window of partner images."""
     n, p, _ = features.shape
     both, forward = partner_offsets(n, compare_with)
     m = 2 * len(both) + len(forward)
-    out = torch.empty(len(rs), n, m, p, device=features.device, dtype=torch.float32)
+    keep = m if keep is None else max(1, min(int(keep), m))
+    lowest = torch.full((len(rs), n, keep, p), float("inf"), device=features.device, dtype=torch.float32)
     block = chunk_images or max(1, PAIR_BLOCK_ELEMENTS // max(1, p * p))
     idx = torch.arange(n, device=features.device)
     order = idx if order is None else torch.as_tensor(order, device=features.device)
@@ -253,17 +268,14 @@ def mutual_distances(features: torch.Tensor, compare_with: int, rs: Sequence[int
         ahead = _for_product(features[order[(s + 1 + torch.arange(len(rows) + max(offsets, default=1) - 1,
                                                                  device=features.device)) % n]])
         own, theirs = per_r(mine, rs), per_r(ahead, rs)
-        slot = 0
         for d in offsets:
-            partners = (rows + d) % n
             window = slice(d - 1, d - 1 + len(rows))
             near = nearest_similarities(mine, ahead[window], rs, both=d in both,
                                         derived=(own, [t[window] for t in theirs]))
-            out[:, rows, slot] = to_distance(near[0])
+            _insert(lowest, rows, to_distance(near[0]))
             if d in both:
-                out[:, partners, slot + 1] = to_distance(near[1])
-            slot += 2 if d in both else 1
-    return out
+                _insert(lowest, (rows + d) % n, to_distance(near[1]))
+    return lowest
 
 
 def without_rows(bank: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -3,6 +3,7 @@ the ONNX runtime's NumPy core: which features (blocks, r, the interval fraction)
 which, and in which order. One definition, so both backends score every set size alike."""
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -18,6 +19,11 @@ DEFAULT_FRACTION = 0.1
 def blocks_for_depth(depth: int, fractions: Sequence[float] = DEFAULT_BLOCK_FRACTIONS) -> Tuple[int, ...]:
     """1-based block indices at these fractions of ``depth`` (12 -> 7; 24 -> 14), increasing, distinct."""
     return tuple(sorted({min(depth, max(1, int(round(f * depth)))) for f in fractions}))
+
+
+def interval_count(m: int, fraction: float) -> int:
+    """How many of a patch's M distances the interval average keeps: the lowest ``max(1, floor(fraction * M))``."""
+    return max(1, int(math.floor(fraction * m)))
 
 
 def partner_offsets(n: int, compare_with: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:

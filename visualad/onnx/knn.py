@@ -5,11 +5,11 @@ computes with one product for all r."""
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ..modes.partners import partner_offsets
+from ..modes.partners import interval_count, partner_offsets
 
 CHUNK_ELEMENTS = 1 << 22  # similarities per chunk (16 MB in fp32)
 
@@ -51,15 +51,15 @@ def nearest_distance(queries: np.ndarray, bank: np.ndarray, rs: Sequence[int]) -
 
 def interval_average(distances: np.ndarray, fraction: float) -> np.ndarray:
     """[..., M, P] -> [..., P]: the mean of each patch's lowest ``max(1, floor(fraction * M))`` distances."""
-    k = max(1, int(math.floor(fraction * distances.shape[-2])))
+    k = interval_count(distances.shape[-2], fraction)
     return np.sort(distances, axis=-2)[..., :k, :].mean(axis=-2)
 
 
-def mutual_distances(features: np.ndarray, compare_with: int, rs: Sequence[int], order: Sequence[int]
-                     ) -> np.ndarray:
-    """Layer-normed rows [N, P, C] -> [R, N, M, P] in comparison order (row i is image ``order[i]``): per r, each
-    patch's nearest distance in each of its M = min(compare_with, N - 1) partners; each pair's product serves
-    both ways."""
+def mutual_distances(features: np.ndarray, compare_with: int, rs: Sequence[int], order: Sequence[int],
+                     keep: Optional[int] = None) -> np.ndarray:
+    """Layer-normed rows [N, P, C] -> [R, N, K, P] in comparison order (row i is image ``order[i]``): per r, the
+    K (``keep``, default all) smallest of each patch's nearest distances in its M = min(compare_with, N - 1)
+    partners, ascending; each pair's product serves both ways."""
     order = np.asarray(order)
     n, p, _ = features.shape
     both, forward = partner_offsets(n, compare_with)
@@ -78,7 +78,7 @@ def mutual_distances(features: np.ndarray, compare_with: int, rs: Sequence[int],
                 if d in both:
                     out[i, partners, slot + 1] = to_distance(sim.max(axis=1))
             slot += 2 if d in both else 1
-    return out
+    return np.sort(out, axis=2)[:, :, :keep]
 
 
 def distances_to_images(query: np.ndarray, images: np.ndarray, rs: Sequence[int]) -> np.ndarray:
