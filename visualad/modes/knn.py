@@ -6,7 +6,8 @@ over the patch grid (zero padding), L2 normalisation. Distances are Euclidean be
 images. The core keeps one copy of the layer-normed rows per block (:func:`layer_normed`) and derives every r
 when it scores: a mean is linear, so the products of the r x r means are an r x r box filter of the rows' own
 products over both grids (:func:`_box`), and one product of the rows serves r = 1 and r = 3 (measured:
-mutual scoring 0.69x the time of one product per r on ViT-S at 224 px, half the memory of a set).
+mutual scoring in 0.69x the time of one product per r, on rows of ViT-S's size at 224 px; half the memory of
+a set).
 
 fp32 rows give the exact fp32 function. Half rows (fp16: the set features an engine keeps under dtype="auto"
 or in bf16 or fp16, half the memory) are multiplied in a half dtype on the devices of :data:`HALF_PRODUCTS`
