@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -106,7 +105,7 @@ class ReferenceBank:
         from .references import bank_grid
 
         total = bank_grid(knn, self.features, self.shots, queries, self.rs, exclude, half_candidates)
-        g = int(round(math.sqrt(total.shape[1])))
+        g = knn.grid_side(total.shape[1])
         return total.view(-1, g, g)
 
     # --- persistence -------------------------------------------------------------------------------
@@ -173,8 +172,11 @@ class ReferenceBank:
                                f"of images of {self.patches} patches", source)
         if not self.rs or not all(1 <= r <= MAX_R and r % 2 for r in self.rs):
             raise WeightsError(f"malformed reference bank: r {list(self.rs)} are not odd sizes in 1..{MAX_R}", source)
-        if max(self.rs) > 1 and round(math.sqrt(self.patches)) ** 2 != self.patches:
-            raise WeightsError(f"malformed reference bank: {self.patches} patches do not form a square grid", source)
+        if max(self.rs) > 1:
+            try:
+                knn.grid_side(self.patches)
+            except ValueError as exc:
+                raise WeightsError(f"malformed reference bank: {exc}", source) from None
         if depth is not None and not all(1 <= b <= depth for b in self.blocks):
             raise WeightsError(f"reference bank blocks {self.blocks} do not exist in a {depth}-block backbone",
                                source)

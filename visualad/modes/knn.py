@@ -20,28 +20,19 @@ shared/data (docs/modes.md, "Precision").
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .partners import (DEFAULT_BLOCK_FRACTIONS, DEFAULT_FRACTION, DEFAULT_R,  # noqa: F401 - the core's API
-                       blocks_for_depth, interval_count, partner_offsets)
+                       blocks_for_depth, grid_side, interval_count, partner_offsets)
 
 CHUNK_ELEMENTS = 1 << 24  # similarity-matrix elements per chunk (64 MB in fp32)
 #: similarities per block of image pairs (4 MB): 2^24 left the cache and was measured 2x slower per image on
 #: ViT-S at 224 px (benchmarks/mode_speed.py); with the box filter's few copies of a block, 2^20 ran as fast as
 #: 2^21 and held 56 MiB less at N = 256 (16 pairs a block at 224 px)
 PAIR_BLOCK_ELEMENTS = 1 << 20
-
-
-def grid_side(n: int) -> int:
-    """The side of a square grid of ``n`` patches."""
-    g = int(round(math.sqrt(n)))
-    if g * g != n:
-        raise ValueError(f"{n} patches do not form a square grid")
-    return g
 
 
 def layer_normed(features: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,14 @@ def blocks_for_depth(depth: int, fractions: Sequence[float] = DEFAULT_BLOCK_FRAC
     return tuple(sorted({min(depth, max(1, int(round(f * depth)))) for f in fractions}))
 
 
+def grid_side(n: int) -> int:
+    """The side of a square grid of ``n`` patches (a ValueError for any other count)."""
+    g = int(round(math.sqrt(n)))
+    if g * g != n:
+        raise ValueError(f"{n} patches do not form a square grid")
+    return g
+
+
 def interval_count(m: int, fraction: float) -> int:
     """How many of a patch's M distances the interval average keeps: the lowest ``max(1, floor(fraction * M))``."""
     return max(1, int(math.floor(fraction * m)))

@@ -4,12 +4,11 @@ rows are made here (r x r mean, L2 norm) and multiplied as they are: the plain d
 computes with one product for all r."""
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ..modes.partners import interval_count, partner_offsets
+from ..modes.partners import grid_side, interval_count, partner_offsets
 
 CHUNK_ELEMENTS = 1 << 22  # similarities per chunk (16 MB in fp32)
 
@@ -25,9 +24,7 @@ def aggregated(rows: np.ndarray, r: int) -> np.ndarray:
     rows = np.asarray(rows, np.float32)
     if r > 1:
         *lead, p, c = rows.shape
-        g = int(round(math.sqrt(p)))
-        if g * g != p:
-            raise ValueError(f"{p} patches do not form a square grid")
+        g = grid_side(p)
         h = r // 2
         padded = np.pad(rows.reshape(-1, g, g, c), ((0, 0), (h, h), (h, h), (0, 0)))
         total = sum(padded[:, y:y + g, x:x + g] for y in range(r) for x in range(r))
@@ -102,7 +99,7 @@ def without_rows(bank: np.ndarray, start: int, stop: int) -> np.ndarray:
 def nearest_outside_neighbourhood(q: np.ndarray, bank: np.ndarray, rs: Sequence[int]) -> np.ndarray:
     """One image's layer-normed patches [P, C] against the same image's [P, C] outside each patch's 3x3 grid
     neighbourhood -> [R, P] (leave-one-out with a single reference)."""
-    g = int(round(math.sqrt(q.shape[0])))
+    g = grid_side(q.shape[0])
     yy, xx = np.divmod(np.arange(g * g), g)
     near = (np.abs(yy[:, None] - yy[None]) <= 1) & (np.abs(xx[:, None] - xx[None]) <= 1)
     out = []

@@ -77,7 +77,8 @@ def _check_fields(meta: Dict[str, Any], path: PathLike) -> None:
     if meta.get("depth") is not None and (not _is_int(meta["depth"]) or not 1 <= meta["depth"] <= 1000):
         problems.append(f"depth must be a whole number in 1..1000, got {meta.get('depth')!r}")
     names = meta.get("features")
-    per = 1 if meta.get("format_version", 1) >= 2 or not isinstance(meta.get("rs"), list) else len(meta["rs"])
+    # format 1 named an output per (block, r); read_meta has checked the version is a whole number
+    per = len(meta["rs"]) if meta["format_version"] < 2 and isinstance(meta.get("rs"), list) else 1
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)
                                   and isinstance(meta.get("blocks"), list) and len(names) == len(meta["blocks"]) * per):
         problems.append("features must name one output per block" + (" and r" if per > 1 else ""))
