@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import require
 from PIL import Image
 
 from visualad.cli import main
@@ -89,6 +91,29 @@ def test_an_unreadable_input_is_an_error_row_not_a_traceback(tiny_model_dir, tmp
     assert code == 2
     [row] = _rows(out)
     assert "broken.png" in row["error"]
+
+
+def test_broken_links_in_a_folder_are_error_rows_and_the_run_goes_on(tiny_model_dir, tmp_path, capsys):
+    """A dangling link and a link loop by an image's name, in the folder and named on the command line: each
+    gets its own error row (they were dropped from a folder, and a loop on the command line stopped the run)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (20, 16), (120, 60, 30)).save(folder / "ok.png")
+    try:
+        os.symlink(tmp_path / "gone.png", folder / "dangling.png")
+        os.symlink("loop.png", folder / "loop.png")
+    except (OSError, NotImplementedError):
+        require(False, "symlinks not supported here")
+    out = tmp_path / "rows.jsonl"
+    code = main(["predict", "--mode", "head", str(folder), str(folder / "loop.png"), "--model", str(tiny_model_dir),
+                 "--device", "cpu", "--out", str(out), "--overlays", str(tmp_path / "ov"), "-q"])
+    assert code == 2
+    rows = {Path(r["path"]).name + ("" if i < 3 else " (named)"): r for i, r in enumerate(_rows(out))}
+    assert sorted(rows) == ["dangling.png", "loop.png", "loop.png (named)", "ok.png"]
+    assert rows["ok.png"]["error"] is None and rows["ok.png"]["height"] == 16
+    assert "file not found" in rows["dangling.png"]["error"]
+    assert all("symbolic links" in rows[k]["error"] for k in ("loop.png", "loop.png (named)"))
+    assert [p.name for p in (tmp_path / "ov").iterdir()] == ["ok.png"]
 
 
 def test_calibrate_then_predict_gives_labels(tiny_model_dir, shared_data, tmp_path, capsys):

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from visualad.data.datasets import Sample, detect_format, load_dataset, load_mask
-from visualad.errors import DatasetError
+from visualad.data.images import load_image
+from visualad.errors import DatasetError, InvalidImageError
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -141,6 +142,20 @@ def test_symlink_loop_does_not_hang(tmp_path: Path) -> None:
     assert len(ds) == 6 + 0  # 'up' holds no images of its own
     fs = load_dataset(fold, format="folder")
     assert [s.mask_path.name for s in fs.samples if s.label] == ["s.png"]
+
+
+def test_a_broken_link_by_an_image_name_is_a_sample_that_fails_by_name(tmp_path: Path) -> None:
+    """Not dropped (the metrics would silently cover fewer images): listed, and reading it names it."""
+    _mvtec_category(tmp_path / "c")
+    crack = tmp_path / "c" / "test" / "crack"
+    os.symlink(tmp_path / "gone.png", crack / "zz_dangling.png")
+    os.symlink("zz_loop.png", crack / "zz_loop.png")
+    ds = load_dataset(tmp_path / "c")
+    assert len(ds) == 6 + 2
+    for name, reason in [("zz_dangling.png", "file not found"), ("zz_loop.png", "cannot access file")]:
+        [sample] = [s for s in ds.samples if s.image_path.name == name]
+        with pytest.raises(InvalidImageError, match=reason):
+            load_image(sample.image_path)
 
 
 # ----------------------------------------------------------------------------- visa

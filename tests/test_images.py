@@ -673,6 +673,55 @@ def test_iter_image_files_symlink_loops(tmp_path):
     assert files == [a, b, root / "x_link" / outside.name]
 
 
+def test_iter_image_files_lists_unreadable_entries_for_the_reader_to_report(tmp_path):
+    """A dangling link, a link loop and a FIFO by an image's name are listed, not dropped, and reading each is a
+    clear error without blocking (a batch reports them as failed rows)."""
+    root = tmp_path / "data"
+    good = root / "a.png"
+    root.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+    try:
+        os.symlink(tmp_path / "gone.png", root / "b_dangling.png")
+        os.symlink("c_loop.png", root / "c_loop.png")  # a -> a
+        os.mkfifo(root / "d_fifo.png")  # opening it would block forever
+    except (OSError, NotImplementedError, AttributeError):
+        require(False, "symlinks and FIFOs not supported here")
+    os.symlink(tmp_path / "gone", root / "e_dangling_notes.txt")  # not an image's name: not listed
+    files = list(iter_image_files(root))
+    assert files == [good, root / "b_dangling.png", root / "c_loop.png", root / "d_fifo.png"]
+    assert load_image(good).width == 8
+    for name, reason in [("b_dangling.png", "file not found"), ("c_loop.png", "cannot access file"),
+                         ("d_fifo.png", "not a regular file")]:
+        with pytest.raises(InvalidImageError, match=reason) as err:
+            load_image(root / name)
+        assert name in str(err.value)
+
+
+def test_read_mask_refuses_a_fifo_without_blocking(tmp_path):
+    import threading
+
+    from visualad.data.masks import read_mask
+    from visualad.errors import DatasetError
+
+    try:
+        os.mkfifo(tmp_path / "m.png")
+    except (OSError, AttributeError):
+        require(False, "FIFOs not supported here")
+    caught: list = []
+
+    def read() -> None:
+        try:
+            read_mask(tmp_path / "m.png")
+        except DatasetError as e:
+            caught.append(str(e))
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "read_mask blocked on a FIFO"
+    assert len(caught) == 1 and "not a regular file" in caught[0] and "m.png" in caught[0]
+
+
 def test_iter_image_files_errors(tmp_path):
     with pytest.raises(InvalidImageError, match="folder not found"):
         list(iter_image_files(tmp_path / "missing"))

@@ -325,7 +325,7 @@ def _announce_mode(args: argparse.Namespace, det, scorer, n: int) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     import time
 
-    from .outputs import OutputFiles
+    from .outputs import OutputFiles, real_path
     from .rows import RowWriter, input_key
 
     if args.resume and args.out is None:
@@ -336,7 +336,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = OutputFiles.for_inputs(inputs, overlays=args.overlays, maps=args.save_maps, map_format=args.map_format,
                                    style=args.overlay_style, cmap=args.cmap, alpha=args.alpha)
     keys = [input_key(p) for p, _ in inputs]
-    if args.out is not None and args.out.resolve() in {p.resolve() for p, _ in inputs}:
+    if args.out is not None and real_path(args.out) in {real_path(p) for p, _ in inputs}:
         raise VisualADError("--out is one of the inputs; choose another file for the rows", args.out)
     writer = RowWriter(args.out, resume=args.resume, inputs=keys, run=_run_settings(args)) if args.out else None
     start = time.perf_counter()

@@ -7,6 +7,7 @@ the run.
 from __future__ import annotations
 
 import io
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
@@ -40,18 +41,24 @@ def target_paths(inputs: Sequence[Input], folder: Path, suffix: str, taken: Opti
     return out
 
 
+def real_path(path: Path) -> Path:
+    """Where ``path`` points, to compare an output with the inputs: ``Path.resolve`` raises on a link loop
+    (before Python 3.13), and an input that is one must still fail its own row, not the run."""
+    return Path(os.path.realpath(path))
+
+
 def refuse_overwriting_inputs(inputs: Sequence[Input], folders: Dict[str, Optional[Path]],
                               targets: Sequence[Path]) -> None:
     """Outputs never replace an input: an output folder that is an input folder, or a target that is an input
     file, is an error before anything is written."""
-    sources = {p.resolve() for p, _ in inputs}
-    bases = {base.resolve() for _, base in inputs if base is not None}
+    sources = {real_path(p) for p, _ in inputs}
+    bases = {real_path(base) for _, base in inputs if base is not None}
     for option, folder in folders.items():
-        if folder is not None and folder.resolve() in bases:
+        if folder is not None and real_path(folder) in bases:
             raise VisualADError(f"{option} is an input folder: its files would be written among the inputs "
                                 "(and could replace them); choose another folder", folder)
     for target in targets:
-        if target.resolve() in sources:
+        if real_path(target) in sources:
             raise VisualADError("an output would replace this input; choose another output folder", target)
 
 
@@ -104,7 +111,7 @@ class OutputFiles:
             opencv()  # a runtime without OpenCV says so before any image is scored
             overlay_targets = target_paths(inputs, overlays, ".png")
         if maps is not None:  # maps and masks share the folder: their names are chosen together
-            taken = set() if overlays is None or overlays.resolve() != maps.resolve() else {
+            taken = set() if overlays is None or real_path(overlays) != real_path(maps) else {
                 str(t).casefold() for t in overlay_targets or []}
             map_targets = target_paths(inputs, maps, ".npy" if map_format == "npy" else ".png", taken)
             mask_targets = target_paths(inputs, maps, ".mask.png", taken)

@@ -231,8 +231,8 @@ def _is_hidden(name: str) -> bool:
 
 
 def _list(directory: Path) -> Tuple[List[Path], List[Path]]:
-    """Sorted (subdirectories, files) of ``directory``, hidden entries and broken or looping
-    symlinks skipped."""
+    """Sorted (subdirectories, files) of ``directory``, hidden entries skipped. Whatever is not a directory is a
+    file here, a dangling or looping symlink too: a sample is never lost without a word, reading it says why."""
     dirs: List[Path] = []
     files: List[Path] = []
     try:
@@ -244,12 +244,10 @@ def _list(directory: Path) -> Tuple[List[Path], List[Path]]:
         if _is_hidden(entry.name):
             continue
         try:
-            if entry.is_dir():
-                dirs.append(Path(entry.path))
-            elif entry.is_file():
-                files.append(Path(entry.path))
-        except OSError:  # a symlink loop ("a -> a") or a dangling link
-            logger.debug("skipping unreadable entry %s", entry.path)
+            is_dir = entry.is_dir()
+        except OSError:  # a symlink loop ("a -> a")
+            is_dir = False
+        (dirs if is_dir else files).append(Path(entry.path))
     return dirs, files
 
 

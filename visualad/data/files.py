@@ -23,8 +23,9 @@ def iter_image_files(folder: PathLike, recursive: bool = True) -> Iterator[Path]
     """Yield the image files under ``folder`` in sorted (depth-first, by name) order.
 
     Files are matched by :func:`is_image_name`; names starting with "." are skipped. Symlinked directories
-    are followed, but each real directory is walked at most once, so symlink loops terminate. A generator:
-    a folder of a million files is never listed whole.
+    are followed, but each real directory is walked at most once, so symlink loops terminate. An entry with an
+    image's name that is not a readable regular file (a dangling link, a link loop, a FIFO) is yielded too,
+    for the reader to report. A generator: a folder of a million files is never listed whole.
     """
     root = Path(folder)
     if not root.exists():
@@ -50,13 +51,14 @@ def iter_image_files(folder: PathLike, recursive: bool = True) -> Iterator[Path]
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
-                is_file = not is_dir and entry.is_file(follow_symlinks=True)
             except OSError:
-                continue
+                is_dir = False
             if is_dir:
                 if recursive:
                     yield from walk(Path(entry.path))
-            elif is_file and is_image_name(entry.name):
+            elif is_image_name(entry.name):
+                # also a dangling link, a link loop or a FIFO by an image's name: the reader says which (it
+                # stats before it opens), so a batch reports it instead of losing it
                 yield Path(entry.path)
 
     return walk(root)

@@ -6,6 +6,7 @@ torchvision's ``Resize`` does on a PIL mask) and thresholded at ``> 127`` (their
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -47,6 +48,8 @@ def read_mask(source: Any, image_hw: Optional[Tuple[int, int]] = None, image: Op
     else:
         path = os.fspath(source)
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
+                raise ValueError("not a regular file")
             with Image.open(path) as im:
                 im.load()
                 mask = binarise(im)
