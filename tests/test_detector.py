@@ -117,3 +117,24 @@ def test_compile_opt_in_gives_the_eager_maps():
     eager_edited, _ = det.engine.score_arrays(x, HeadMode())
     assert np.abs(edited - maps).max() > 1e-3
     np.testing.assert_allclose(edited, eager_edited, atol=1e-5, rtol=0)
+
+
+def test_the_result_type_follows_the_input_kind_not_its_length(tiny_detector, tmp_path):
+    """One image -> one result; any collection -> a list, also of one (a generator of one gave a bare result,
+    a 4-D batch of one too, while the same of two gave lists)."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    one = {"array": img, "path": str(tmp_path / "a.png"), "tensor": torch.from_numpy(img).permute(2, 0, 1)}
+    for name, x in one.items():
+        res = tiny_detector.predict(x, mode="head")
+        assert isinstance(res, AnomalyResult) and res.anomaly_map.shape == (30, 40), name
+    many = {"list of one": [img], "tuple of one": (img,), "generator of one": (i for i in [img]),
+            "iterator of two": iter([img, img]), "4-D array of one": img[None], "4-D tensor of one":
+            torch.from_numpy(img).permute(2, 0, 1)[None], "4-D array of two": np.stack([img, img]),
+            "folder of one": tmp_path}
+    for name, x in many.items():
+        res = tiny_detector.predict(x, mode="head")
+        n = 2 if "two" in name else 1
+        assert isinstance(res, list) and len(res) == n, name
+        assert all(r.anomaly_map.shape == (30, 40) for r in res), name

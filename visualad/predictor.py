@@ -85,7 +85,8 @@ class Predictor:
                 on_error: str = "raise", keep_image: bool = True, progress: bool = False,
                 references: Optional[Any] = None, mode: Union[str, Scorer] = "auto", compare_with: int = 64,
                 seed: int = 0) -> Union[AnomalyResult, List[AnomalyResult]]:
-        """Score one image, a list of them or a folder (path, PIL image, NumPy array, tensor); same order.
+        """Score one image, a list of them or a folder (path, PIL image, NumPy array, tensor); same order. One
+        image gives one result; a list, tuple, iterator, 4-D batch or folder gives a list, also of one.
 
         ``mode``: "auto" | "head" | "references" | "batch" (see :meth:`scoring_mode`); ``res.mode`` says which
         ran. Batch mode scores the images given together against each other, each against at most
@@ -93,8 +94,9 @@ class Predictor:
         ``error`` set; ``threshold`` overrides the calibrated image threshold; ``references``: normal images
         for this call only.
         """
-        single = not isinstance(images, (list, tuple)) and not (
-            getattr(images, "ndim", 0) == 4 and images.shape[0] > 1) and not _is_dir(images)
+        # the type follows the input's kind, never its length (a generator of one is still a collection)
+        single = not isinstance(images, (list, tuple, Iterator)) and getattr(images, "ndim", 0) != 4 \
+            and not _is_dir(images)
         items = expand(images)
         saved = self.references
         try:
@@ -104,7 +106,7 @@ class Predictor:
                                              mode=mode, compare_with=compare_with, seed=seed))
         finally:
             self.references = saved
-        return results[0] if single and len(results) == 1 else results
+        return results[0] if single else results
 
     def predict_folder(self, folder: PathLike, batch_size: int = 8, threshold: Optional[float] = None,
                        on_error: str = "return", recursive: bool = True, keep_image: bool = False,
