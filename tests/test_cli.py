@@ -116,6 +116,37 @@ def test_broken_links_in_a_folder_are_error_rows_and_the_run_goes_on(tiny_model_
     assert [p.name for p in (tmp_path / "ov").iterdir()] == ["ok.png"]
 
 
+def test_a_run_that_stops_before_its_first_row_leaves_earlier_rows_alone(tiny_model_dir, tmp_path, capsys):
+    """The partial file starts with the first row: a device that is not there (the model never scores) neither
+    empties an earlier run's resumable rows nor asks for --resume."""
+    Image.new("RGB", (20, 16)).save(tmp_path / "a.png")
+    out = tmp_path / "rows.jsonl"
+    partial = tmp_path / "rows.jsonl.partial"
+    partial.write_text('{"path": "earlier"}\n')
+    argv = ["predict", "--mode", "head", str(tmp_path / "a.png"), "--model", str(tiny_model_dir), "--out", str(out)]
+    assert main(argv + ["--device", "tpu"]) == 1
+    err = capsys.readouterr().err
+    assert "not a device name" in err and "--resume" not in err
+    assert partial.read_text() == '{"path": "earlier"}\n' and not out.exists()
+    partial.unlink()
+    assert main(argv + ["--device", "tpu"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "tiny-model"]  # nothing half written
+    assert main(["predict", str(tmp_path / "a.png"), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 1
+    assert "--out is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["predict", "x.png", "--threshold", "nan"],
+                                  ["predict", "x.png", "--threshold", "inf"],
+                                  ["serve", "--max-upload-mb", "nan"], ["serve", "--max-upload-mb", "-1"],
+                                  ["serve", "--max-decode-mp", "inf"], ["serve", "--max-latency-ms", "nan"],
+                                  ["finetune", "aux", "--out", "o", "--lr", "nan"]])
+def test_numbers_that_would_turn_a_bound_off_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "must be a finite number" in capsys.readouterr().err
+
+
 def test_calibrate_then_predict_gives_labels(tiny_model_dir, shared_data, tmp_path, capsys):
     cat = shared_data / "mvtec_ad_reduced/hazelnut"
     code = main(["calibrate", str(cat / "train/good"), "--model", str(tiny_model_dir), "--device", "cpu",

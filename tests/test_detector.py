@@ -9,6 +9,7 @@ from conftest import TINY_TIMM
 from PIL import Image
 
 from visualad import AnomalyDetector, AnomalyResult
+from visualad.errors import ConfigError
 from visualad.modes.head import HeadMode
 
 
@@ -138,3 +139,11 @@ def test_the_result_type_follows_the_input_kind_not_its_length(tiny_detector, tm
         n = 2 if "two" in name else 1
         assert isinstance(res, list) and len(res) == n, name
         assert all(r.anomaly_map.shape == (30, 40) for r in res), name
+
+
+def test_a_threshold_that_is_not_finite_is_refused(tiny_detector):
+    img = np.zeros((20, 20, 3), np.uint8)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="finite"):  # NaN would label every image normal
+            tiny_detector.predict(img, mode="head", threshold=bad)
+    assert tiny_detector.predict(img, mode="head", threshold=0.5).threshold == 0.5

@@ -239,3 +239,13 @@ def test_the_page_says_what_the_threshold_and_each_slider_position_mean(det, tmp
         browser.execute_script("setThreshold(arguments[0])", scores[-1] + 1.0)  # above every normal
         shown = browser.find_element(By.ID, "threshold-value").text
         assert "flags about 10% of normal parts" in shown, shown
+
+
+@pytest.mark.parametrize("limits", [dict(max_upload_mb=float("nan")), dict(max_upload_mb=-1.0),
+                                    dict(max_decode_mp=float("inf")), dict(max_decode_mp=0.0),
+                                    dict(max_latency_ms=float("nan")), dict(max_images=0)])
+def test_limits_that_bound_nothing_are_refused(det, limits):
+    from visualad.errors import ConfigError
+
+    with pytest.raises(ConfigError):  # a NaN limit compares false: no bound at all
+        create_app(det, **limits)

@@ -139,6 +139,9 @@ def test_lr_shorthand_and_unknown_option():
         TrainConfig.from_overrides(learning_rate=1.0)
     with pytest.raises(ConfigError):
         TrainConfig(amp="fp16")
+    for bad in (dict(lr=float("nan")), dict(w_dice=float("inf")), dict(betas=(0.9, float("nan")))):
+        with pytest.raises(ConfigError, match="not a finite number"):  # NaN passes "< 0" and poisons the run
+            TrainConfig.from_overrides(**bad)
 
 
 def test_overfitting_one_batch_lowers_the_loss(tiny_detector, tmp_path):

@@ -5,12 +5,13 @@ import argparse
 import glob
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Optional, Sequence
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence
 
 from ._version import __version__
 from .errors import VisualADError
@@ -56,6 +57,22 @@ def _mode_args(p: argparse.ArgumentParser) -> None:
                         "else batch for 16+ images, else head")
     p.add_argument("--compare-with", type=_positive_int, default=64, metavar="N",
                    help="batch mode: each image is compared with at most N others (default: 64)")
+
+
+def _number(low: float = -math.inf, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number, at least ``low`` (more than ``low`` with ``above``). NaN compares
+    false with every limit, so unchecked it would turn a bound off."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            bound = "" if low == -math.inf else f" {'>' if above else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {value}")
+        return value
+
+    return number
 
 
 def _alpha(text: str) -> float:
@@ -104,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", type=Path, default=None,
                    help="folder for heat-map overlays (PNG, original size; mirrors the input folders)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
-    p.add_argument("--threshold", type=float, default=None, help="image threshold overriding the calibrated one")
+    p.add_argument("--threshold", type=_number(), default=None, help="image threshold overriding the calibrated one")
     p.add_argument("--references", type=Path, default=None,
                    help="folder of normal reference images of the same product (references mode); without "
                         "--threshold and with no calibration for them, they set their own (leave-one-out)")
@@ -164,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="the global batch (under torchrun it is split over the processes)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the tokens (others scale with it)")
+    p.add_argument("--lr", type=_number(0), default=None, help="learning rate of the tokens (others scale with it)")
     p.add_argument("--seed", type=int, default=111, help="seed of the run (default: 111, the authors')")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--synthesize", choices=["auto", "always", "never"], default="auto",
@@ -234,12 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a host name to serve besides IP addresses and localhost, e.g. a proxy's (repeatable; "
                         "default: none, so that a rebound DNS name cannot reach the server)")
     p.add_argument("--max-batch-size", type=_positive_int, default=8, help="images per forward (default: 8)")
-    p.add_argument("--max-latency-ms", type=float, default=10.0,
+    p.add_argument("--max-latency-ms", type=_number(0), default=10.0,
                    help="how long a request may wait for others to share its forward (default: 10)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger requests get 413 (default: 20)")
+    p.add_argument("--max-upload-mb", type=_number(0, above=True), default=20.0,
+                   help="larger requests get 413 (default: 20)")
     p.add_argument("--max-images", type=_positive_int, default=64,
                    help="images in one request; more get 413 (default: 64)")
-    p.add_argument("--max-decode-mp", type=float, default=64.0, metavar="MP",
+    p.add_argument("--max-decode-mp", type=_number(0, above=True), default=64.0, metavar="MP",
                    help="megapixels decoded at once across all requests; a request over it gets 413, others wait "
                         "(default: 64)")
     p.add_argument("--token", default=os.environ.get("VISUALAD_TOKEN"),

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
@@ -15,6 +16,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 from .config import VisualADConfig
 from .data import images as imio
 from .data.files import iter_image_files
+from .errors import ConfigError
 from .modes.base import Scorer, create
 from .modes.choice import ModeChooser
 from .progress import progress_bar
@@ -130,6 +132,8 @@ class Predictor:
             raise ValueError("on_error must be 'raise' or 'return'")
         if int(batch_size) < 1:
             raise ValueError("batch_size must be >= 1")
+        if threshold is not None and not math.isfinite(threshold):  # NaN would label every image normal
+            raise ConfigError(f"threshold must be a finite number, got {threshold!r}")
         n = len(items) if hasattr(items, "__len__") else None
         scorer = self.scoring_mode(mode, n, compare_with, seed)
         return self._results(pipeline.run(self.backend, items, scorer, batch_size, keep_image=keep_image,

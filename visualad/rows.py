@@ -78,7 +78,10 @@ def _row_key(row: Dict[str, Any]) -> Optional[Key]:
 
 class RowWriter:
     """Streams rows to ``<out>.partial``; :meth:`commit` renames it to ``out``. With ``resume``, rows of an
-    earlier run of the same inputs (from ``out`` or its partial file) are kept and their inputs skipped."""
+    earlier run of the same inputs (from ``out`` or its partial file) are kept and their inputs skipped.
+
+    The partial file is opened with the first row: a run that stops before any (a model that does not load, a
+    device that is not there) leaves an earlier run's files as they were, and asks for no ``--resume``."""
 
     def __init__(self, out: Path, resume: bool = False, inputs: Iterable[Optional[Key]] = (),
                  run: Optional[Dict[str, Any]] = None) -> None:
@@ -92,15 +95,25 @@ class RowWriter:
         wanted = set(inputs)
         self.kept: Dict[Key, Dict[str, Any]] = {
             k: row for k, row in self._earlier_rows().items() if k in wanted} if resume else {}
+        if self.out.is_dir():
+            raise VisualADError("--out is a folder; name a file for the rows", self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: Optional[IO[Any]] = (open(self.partial, "wb") if self.parquet is not None  # noqa: SIM115
-                                       else open(self.partial, "w", encoding="utf-8", newline=""))
+        if not os.access(self.out.parent, os.W_OK):  # said before the model loads, not at the first row
+            raise VisualADError("cannot write the rows there: the folder is not writable", self.out.parent)
+        self._fh: Optional[IO[Any]] = None
+        self._csv: Optional[csv.DictWriter] = None
+        self._unsynced = 0
+
+    def _open(self) -> None:
+        """Start the partial file (replacing an earlier one, whose kept rows are in memory): the kept rows
+        first, so that a second kill loses them neither."""
+        self._fh = (open(self.partial, "wb") if self.parquet is not None  # noqa: SIM115
+                    else open(self.partial, "w", encoding="utf-8", newline=""))
         self._csv = csv.DictWriter(self._fh, fieldnames=CSV_COLUMNS, extrasaction="ignore") if self.csv else None
         if self._csv is not None:
             self._csv.writeheader()
-        self._unsynced = 0
-        for row in self.kept.values():  # first, so that a second kill loses them neither
-            self.write(row)
+        for row in self.kept.values():
+            self._put(row)
 
     def _earlier_rows(self) -> Dict[Key, Dict[str, Any]]:
         rows: Dict[Key, Dict[str, Any]] = {}
@@ -149,6 +162,11 @@ class RowWriter:
         return key is not None and key in self.kept
 
     def write(self, row: Dict[str, Any]) -> None:
+        if self._fh is None:
+            self._open()
+        self._put(row)
+
+    def _put(self, row: Dict[str, Any]) -> None:
         assert self._fh is not None
         if self.run is not None:
             row["run"] = self.run
@@ -167,6 +185,8 @@ class RowWriter:
 
     def commit(self) -> None:
         """Everything is written: fsync and rename the partial file to ``out``."""
+        if self._fh is None:  # no new row: the kept ones, or none
+            self._open()
         assert self._fh is not None
         if self.parquet is not None:
             self.parquet.close(self._fh)
@@ -177,7 +197,7 @@ class RowWriter:
         os.replace(self.partial, self.out)
 
     def abandon(self) -> None:
-        """The run stopped early: close the partial file and keep it for ``--resume``."""
+        """The run stopped early: close the partial file and keep it for ``--resume`` (if it was started)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None

@@ -18,6 +18,7 @@ import base64
 import contextlib
 import io
 import logging
+import math
 import threading
 from importlib import resources
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -70,6 +71,13 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
     """The FastAPI app of ``detector`` (an :class:`~visualad.AnomalyDetector` or an
     :class:`~visualad.onnx.OnnxDetector`). ``max_decode_mp``: megapixels decoded or held at once across all
     requests; ``allowed_hosts``: host names served besides IP addresses and localhost (a proxy's)."""
+    for name, value in (("max_upload_mb", max_upload_mb), ("max_decode_mp", max_decode_mp)):
+        if not (math.isfinite(value) and value > 0):  # a NaN bound would compare false: no bound at all
+            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    if not (math.isfinite(max_latency_ms) and max_latency_ms >= 0):
+        raise ConfigError(f"max_latency_ms must be a number >= 0, got {max_latency_ms!r}")
+    if int(max_images) < 1 or int(max_batch_size) < 1:
+        raise ConfigError(f"max_images and max_batch_size must be >= 1, got {max_images!r} and {max_batch_size!r}")
     limit = int(max_upload_mb * 2**20)
     hosts = frozenset(h.lower() for h in allowed_hosts)
     backend = detector.backend

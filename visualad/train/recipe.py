@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -75,6 +76,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+        numbers = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), float)}
+        numbers.update(betas=self.betas[0] + self.betas[1])
+        bad = sorted(name for name, value in numbers.items() if not math.isfinite(value))
+        if bad:  # NaN passes every "< 0" check and turns the whole run into NaN
+            raise ConfigError(f"not a finite number: {', '.join(bad)}")
         if int(self.epochs) < 1 or int(self.batch_size) < 1:
             raise ConfigError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if self.synthesize not in ("auto", "always", "never"):
