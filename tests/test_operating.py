@@ -175,6 +175,51 @@ def test_references_set_their_own_threshold_unless_one_holds_for_them(tiny_detec
     assert "calibrated on" not in rows["head"]["err"] and "no threshold, so no decisions" in rows["head"]["err"]
 
 
+def test_one_reference_sets_no_threshold_of_its_own(tiny_detector, caplog):
+    """Against itself (outside each patch's neighbourhood) a single reference is no new part: measured from 0% to
+    98% false alarms (docs/modes.md), so it sets no threshold, says why, and leaves the model's alone."""
+    import logging
+
+    from visualad.predictor import ONE_REFERENCE
+
+    tiny_detector.to("cpu", "fp32")
+    rng = np.random.default_rng(7)
+    normals = [rng.integers(60, 200, (56, 56, 3), dtype=np.uint8) for _ in range(3)]
+    config = tiny_detector.config
+    config.image_threshold = config.pixel_threshold = config.score_stats = None
+    with caplog.at_level(logging.WARNING, logger="visualad.predictor"):
+        tiny_detector.set_references(normals[:1], calibrate=True)
+    assert [r.getMessage() for r in caplog.records if r.name == "visualad.predictor"] == [ONE_REFERENCE]
+    assert config.image_threshold is None and not tiny_detector.has_thresholds("references")
+    res = tiny_detector.predict(normals[2], mode="references")
+    assert res.mode == "references" and res.pred_label is None and res.anomaly_map.shape == (56, 56)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="visualad.predictor"):
+        tiny_detector.set_references(normals[:2], calibrate=True)  # two: each meets a real other part
+    assert not [r for r in caplog.records if r.name == "visualad.predictor"]
+    assert tiny_detector.has_thresholds("references")
+    assert config.score_stats["n_normal"] == 2
+
+
+def test_a_copy_of_a_reference_is_left_out(tiny_detector, caplog):
+    """A copy would be its twin's nearest neighbour at distance 0 when the references score each other; two copies
+    of one image are one reference (and set no threshold)."""
+    import logging
+
+    from visualad.predictor import ONE_REFERENCE
+
+    rng = np.random.default_rng(8)
+    a, b = (rng.integers(60, 200, (56, 56, 3), dtype=np.uint8) for _ in range(2))
+    with caplog.at_level(logging.WARNING):
+        tiny_detector.set_references([a, b, a.copy()])
+    assert tiny_detector.references.shots == 2
+    assert any("is a copy of an earlier one" in r.getMessage() and "#2" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        tiny_detector.set_references([a, a], calibrate=True)
+    assert tiny_detector.references.shots == 1 and ONE_REFERENCE in [r.getMessage() for r in caplog.records]
+
+
 def test_each_mode_names_the_next_step():
     from visualad.modes.base import NO_THRESHOLD
     from visualad.modes.batch import BatchMode

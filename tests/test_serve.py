@@ -148,6 +148,9 @@ def test_references_and_calibration_from_normal_images(det):
         assert row["mode"] == "references" and isinstance(row["label"], bool) and row["threshold"] == calibrated
         code, body = post_files(url + "/references", parts)  # the same references: the thresholds they hold stay
         assert code == 200 and body["image_threshold"] == calibrated
+        code, body = post_files(url + "/references", parts[:1])  # one reference sets no threshold of its own
+        assert code == 200 and body["references"] == 1 and "image_threshold" not in body
+        assert body["warning"].startswith("one reference cannot set its own threshold")
 
 
 def test_the_page_in_a_headless_browser(det, tmp_path):
@@ -156,6 +159,8 @@ def test_the_page_in_a_headless_browser(det, tmp_path):
 
     img = tmp_path / "part.png"
     img.write_bytes(_png(7, size=(60, 80)))
+    img2 = tmp_path / "second.png"
+    img2.write_bytes(_png(8, size=(60, 80)))
     want = _expected(det, [img.read_bytes()])[0].pred_score
     with running(create_app(det, model_name="tiny")) as url, headless_browser() as browser:
         browser.get(url + "/")
@@ -169,9 +174,17 @@ def test_the_page_in_a_headless_browser(det, tmp_path):
         browser.save_screenshot(str(tmp_path / "page.png"))
         assert Path(tmp_path / "page.png").stat().st_size > 1000
         browser.find_element(By.ID, "as-references").click()  # the image shown becomes the reference ...
-        WebDriverWait(browser, 60).until(lambda b: "references set" in b.find_element(By.ID, "status").text)
-        assert browser.find_element(By.ID, "status").text.startswith("1 references set; threshold from them: ")
-        assert "these images are the references" in browser.find_element(By.ID, "warning").text  # ... and sets it
+        WebDriverWait(browser, 60).until(lambda b: "reference set" in b.find_element(By.ID, "status").text)
+        assert browser.find_element(By.ID, "status").text == "1 reference set"  # ... and, alone, sets no threshold
+        assert browser.find_element(By.ID, "warning").text.startswith("one reference cannot set its own threshold")
+        assert not det.has_thresholds("references")
+        browser.find_element(By.ID, "files").send_keys(str(img2))  # the input keeps part.png: both are shown
+        WebDriverWait(browser, 60).until(lambda b: "second.png" in b.find_element(By.ID, "results").text
+                                         and "part.png" in b.find_element(By.ID, "results").text)
+        browser.find_element(By.ID, "as-references").click()  # two: each meets a real other part
+        WebDriverWait(browser, 60).until(lambda b: "2 references set" in b.find_element(By.ID, "status").text)
+        assert browser.find_element(By.ID, "status").text.startswith("2 references set; threshold from them: ")
+        assert "these images are the references" in browser.find_element(By.ID, "warning").text
         assert det.has_thresholds("references")
 
 

@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 
 #: the false-alarm rate references ask for when they set their own threshold (``set_references(calibrate=True)``)
 SELF_CALIBRATION_RATE = 0.05
+#: why a single reference sets no threshold of its own: its stand-in for a new part (itself, outside each patch's
+#: 3x3 neighbourhood) is no new part; measured on shared/data (docs/modes.md, "One reference")
+ONE_REFERENCE = ("one reference cannot set its own threshold: scored against itself it is no new part (on four "
+                 "products its threshold flagged from 0% to 98% of good parts), so predictions stay unlabelled; "
+                 "give two or more good parts as references, or calibrate on good parts")
 
 
 class Predictor:
@@ -67,10 +72,13 @@ class Predictor:
         them themselves (each scored against the others from its features in the bank, leave-one-out, with no
         second forward; a threshold for :data:`SELF_CALIBRATION_RATE` false alarms, or above every reference when
         they are too few for it), so predictions are labelled with no extra step. This replaces the model's
-        thresholds of another mode."""
+        thresholds of another mode. A single reference sets none (:data:`ONE_REFERENCE`, logged)."""
         items = expand(images)
         self.references = self.backend.build_references(items, batch_size=batch_size, **kwargs) if items else None
         if calibrate and items and not self.has_thresholds("references"):
+            if self.references.shots < 2:
+                logger.warning(ONE_REFERENCE)
+                return
             self.calibrate(items, mode="references", batch_size=batch_size, false_alarm_rate=SELF_CALIBRATION_RATE)
 
     def has_thresholds(self, mode: Union[str, Scorer]) -> bool:

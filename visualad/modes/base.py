@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
 KINDS = ("images", "set", "stream")
-#: the next step of a run without a threshold, in any mode
-NO_THRESHOLD = ("no threshold, so no decisions: calibrate on good parts of the product (visualad calibrate "
-                "GOOD_DIR --false-alarm-rate R)")
+#: the next step of a run without a threshold, in any mode (the CLI's summary says "no threshold, so no decisions"
+#: before it)
+NO_THRESHOLD = "calibrate on good parts of the product (visualad calibrate GOOD_DIR --false-alarm-rate R)"
 
 
 class Scorer:

@@ -19,7 +19,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..config import VisualADConfig
-from ..data.images import image_digest
 from ..errors import ConfigError, VisualADError, WeightsError
 from ..modes import partners
 from ..modes.references import bank_grid
@@ -229,10 +228,10 @@ class OnnxBackend:
             raise ConfigError("references mode needs at least one reference image")
         parts: Dict[int, List[np.ndarray]] = {b: [] for b in self.blocks}
         digests: List[str] = []
-        for chunk in pipeline.read(self, items, batch_size, on_error="raise", label="reference"):
+        for chunk, chunk_digests in pipeline.references(self, items, batch_size):
             for k, v in self.features(self.prepare([x.square for x in chunk]), self.blocks).items():
                 parts[k].append(v.reshape(-1, v.shape[-1]))
-            digests += [image_digest(x.square) for x in chunk]
+            digests += chunk_digests
         return ArrayBank({k: np.concatenate(v) for k, v in parts.items()}, digests, self.rs)
 
     def load_references(self) -> Optional[ArrayBank]:

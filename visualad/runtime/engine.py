@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from ..data import images as imio
-from ..data.images import image_digest
 from ..errors import ConfigError
 from ..model import VisualAD
 from ..modes import knn
@@ -140,10 +139,10 @@ class Engine:
             raise ConfigError(f"blocks {bad} are outside the backbone's 1..{self.depth}")
 
         def features() -> Iterator[Tuple[str, List[torch.Tensor]]]:
-            for chunk in self.read(items, batch_size, on_error="raise", label="reference"):
+            for chunk, digests in pipeline.references(self, items, batch_size):
                 feats = self.backbone_features(self.prepare([x.square for x in chunk]), blocks)
-                for i, x in enumerate(chunk):
-                    yield image_digest(x.square), [f[i:i + 1].float() for f in feats]
+                for i, digest in enumerate(digests):
+                    yield digest, [f[i:i + 1].float() for f in feats]
 
         with torch.inference_mode():
             bank = build_bank(features(), blocks, rs, self.image_size)

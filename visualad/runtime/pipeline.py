@@ -14,14 +14,16 @@ per block), ``references_grid(batch, bank)``, ``grid_to_map(grids) -> (maps, sco
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 
 from ..data.images import image_digest
 from .readahead import Loaded, batched, paired, read_ahead
 
+logger = logging.getLogger(__name__)
 Scored = Tuple[Loaded, Optional[np.ndarray], float]
 
 
@@ -33,6 +35,26 @@ def read(backend: Any, items: Iterable[Any], batch_size: int, *, keep_image: boo
     stream = read_ahead(items, backend.image_size, keep_image=keep_image, on_error=on_error,
                         in_flight=2 * batch_size, label=label)
     return batched(stream, batch_size)
+
+
+def references(backend: Any, items: Iterable[Any], batch_size: int) -> Iterator[Tuple[List[Loaded], List[str]]]:
+    """Batches of reference images with their digests, for a bank (both backends); an exact copy of an earlier
+    one (the same pixels at model size) is left out with a warning: when the references set their own threshold,
+    each is scored against the others, and a copy would find its twin at distance 0 and pull the threshold down."""
+    seen: Set[str] = set()
+    for chunk in read(backend, items, batch_size, on_error="raise", label="reference"):
+        kept, digests = [], []
+        for x in chunk:
+            digest = image_digest(x.square)
+            if digest in seen:
+                logger.warning("reference %s is a copy of an earlier one (the same pixels at model size): left out",
+                               x.path or f"#{x.index}")
+                continue
+            seen.add(digest)
+            kept.append(x)
+            digests.append(digest)
+        if kept:
+            yield kept, digests
 
 
 def run(backend: Any, items: Iterable[Any], scorer: Any, batch_size: int = 8, *, keep_image: bool = False,

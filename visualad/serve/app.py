@@ -32,7 +32,7 @@ from ..data import images as imio
 from ..data.images import image_digest
 from ..errors import ConfigError, ImageTooLargeError, VisualADError
 from ..operating import SELF_CALIBRATED
-from ..predictor import Predictor
+from ..predictor import ONE_REFERENCE, Predictor
 from ..runtime.postprocess import operating_point
 from ..runtime.readahead import load_one
 from . import guard, oip
@@ -260,6 +260,8 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
             with decoded(files, keep_image=False) as loaded, settings_lock:
                 detector.set_references([x.square for x in loaded], calibrate=calibrate)
                 answer: Dict[str, Any] = {"references": detector.references.shots}
+                if calibrate and detector.references.shots < 2 and not detector.has_thresholds("references"):
+                    answer["warning"] = ONE_REFERENCE
                 if detector.has_thresholds("references"):
                     cfg = detector.config
                     stats = cfg.score_stats or {}

@@ -139,7 +139,8 @@ drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove
 $("as-references").addEventListener("click", async () => {
   try {
     const r = await post("/references", last);
-    status(`${r.references} references set` + (r.operating_point ? `; threshold from them: ${r.operating_point}` : ""));
+    status(`${r.references} reference${r.references === 1 ? "" : "s"} set` +
+           (r.operating_point ? `; threshold from them: ${r.operating_point}` : ""));
     warning(r.warning);
     await model();
   }
