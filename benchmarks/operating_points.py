@@ -28,7 +28,8 @@ from visualad.operating import false_alarm_threshold  # noqa: E402
 
 
 def category_images(root: Path) -> Dict[str, Dict[str, List[Path]]]:
-    """{category: {"normal": [...], "defective": [...]}} of the categories with normal images."""
+    """{category: {"train_normal": [...], "test_normal": [...], "defective": [...]}} of the categories with
+    normal and defective images, each list in the dataset's (sorted) order (benchmarks/self_threshold.py too)."""
     out: Dict[str, Dict[str, List[Path]]] = {}
     for split in ("train", "test"):
         try:
@@ -36,10 +37,10 @@ def category_images(root: Path) -> Dict[str, Dict[str, List[Path]]]:
         except Exception:  # noqa: BLE001 - a dataset without this split
             continue
         for category, samples in dataset.by_category().items():
-            entry = out.setdefault(category, {"normal": [], "defective": []})
+            entry = out.setdefault(category, {"train_normal": [], "test_normal": [], "defective": []})
             for s in samples:
-                entry["normal" if s.label == 0 else "defective"].append(Path(s.image_path))
-    return {c: e for c, e in out.items() if e["normal"] and e["defective"]}
+                entry["defective" if s.label else f"{split}_normal"].append(Path(s.image_path))
+    return {c: e for c, e in out.items() if (e["train_normal"] or e["test_normal"]) and e["defective"]}
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
           "| 95% bound (mean) | recall (mean) | too few normals |")
     print("|---|---|---|---|---|---|---|---|---|")
     for category, imgs in sorted(category_images(args.data).items()):
-        normal, defective = sorted(imgs["normal"]), sorted(imgs["defective"])
+        normal, defective = sorted(imgs["train_normal"] + imgs["test_normal"]), sorted(imgs["defective"])
         per_rate = {r: {"flagged": 0, "held": 0, "expected": [], "bound": [], "recall": [], "warned": 0}
                     for r in args.rates}
         n_cal = n_held = 0

@@ -18,32 +18,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from operating_points import category_images  # noqa: E402 - this folder is on the path when run as a script
 from visualad import AnomalyDetector  # noqa: E402
-from visualad.data.datasets import load_dataset  # noqa: E402
 from visualad.predictor import SELF_CALIBRATION_RATE  # noqa: E402
 
 REFERENCE_POOL = 5  # train/good images that may be references; the rest are measured as normals
-
-
-def categories(root: Path) -> Dict[str, Dict[str, List[Path]]]:
-    """{category: {"train": sorted train/good, "normal": test/good, "defective": test defects}}."""
-    out: Dict[str, Dict[str, List[Path]]] = {}
-    for split in ("train", "test"):
-        try:
-            dataset = load_dataset(root, split=split)
-        except Exception:  # noqa: BLE001 - a dataset without this split
-            continue
-        for category, samples in dataset.by_category().items():
-            entry = out.setdefault(category, {"train": [], "normal": [], "defective": []})
-            for s in samples:
-                key = "defective" if s.label else "train" if split == "train" else "normal"
-                entry[key].append(Path(s.image_path))
-    return {c: {k: sorted(v) for k, v in e.items()} for c, e in out.items() if len(e["train"]) > REFERENCE_POOL}
 
 
 def main() -> None:
@@ -58,10 +41,13 @@ def main() -> None:
     print("| category | K | threshold | normals: max / median score | false alarms | recall |")
     print("|---|---|---|---|---|---|")
     for root in sorted(p for p in args.data.iterdir() if p.is_dir()):
-        for category, images in categories(root).items():
-            normals = images["normal"] + images["train"][REFERENCE_POOL:]
+        for category, images in category_images(root).items():
+            train = images["train_normal"]
+            if len(train) <= REFERENCE_POOL:
+                continue
+            normals = images["test_normal"] + train[REFERENCE_POOL:]
             for k in args.shots:
-                refs = images["train"][:k]
+                refs = train[:k]
                 det.set_references(refs)
                 det.calibrate(refs, mode="references", false_alarm_rate=SELF_CALIBRATION_RATE)
                 good = det.predict(normals, mode="references")

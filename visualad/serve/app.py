@@ -262,7 +262,7 @@ def create_app(detector: Predictor, model_name: str = "visualad", token: Optiona
                 answer: Dict[str, Any] = {"references": detector.references.shots}
                 if calibrate and detector.references.shots < 2 and not detector.has_thresholds("references"):
                     answer["warning"] = ONE_REFERENCE
-                if detector.has_thresholds("references"):
+                elif detector.has_thresholds("references"):
                     cfg = detector.config
                     stats = cfg.score_stats or {}
                     answer.update(image_threshold=cfg.image_threshold, pixel_threshold=cfg.pixel_threshold,
